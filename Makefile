@@ -1,0 +1,33 @@
+# Warden. Quick start: `make up`, `make test`. Needs only Python 3.11 and make: uv is
+# bootstrapped from PyPI when it is missing.
+SHELL := /bin/bash
+PY ?= python3
+UV = $(shell command -v uv 2>/dev/null || echo "$(PY) -m uv")
+PYTEST_ARGS ?=
+
+.PHONY: up test lint typecheck check bench sync uv clean
+
+uv:
+	@command -v uv >/dev/null 2>&1 || $(PY) -m uv --version >/dev/null 2>&1 || \
+		$(PY) -m pip install --quiet uv || $(PY) -m pip install --quiet --user uv
+
+sync: uv
+	@$(UV) sync --frozen --python 3.11 --quiet
+
+up: sync
+	$(UV) run --frozen warden up
+
+test: sync lint typecheck
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+lint: sync
+	$(UV) run --frozen ruff check .
+
+typecheck: sync
+	$(UV) run --frozen mypy
+
+bench: sync
+	$(UV) run --frozen python -m bench
+
+clean:
+	rm -rf .warden .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,286 @@
+"""The HTTP API: enqueue jobs, read and steer them, health and metrics.
+
+Endpoints are sync functions on purpose: the database and the Celery producer are blocking
+clients, and FastAPI runs sync endpoints in its thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+
+import sqlalchemy.exc
+import structlog
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from sqlalchemy import text
+from starlette.routing import Match
+
+from api_stub.middleware import BodyLimit
+from api_stub.schemas import KEY_PATTERN, JobIn, JobOut, JobPage, JobTypeOut
+from workers import jobstore, metrics
+from workers.db import session_scope
+from workers.enqueue import IdempotencyConflict, Relay, UnknownJobType, job_types, publish, submit
+from workers.models import JOB_STATUSES
+from workers.redis_client import get_redis
+from workers.settings import get_settings
+from workers.tokens import TokenCache
+
+log = structlog.get_logger("warden.api")
+bearer = HTTPBearer(auto_error=False)
+
+
+def _field_errors(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    return [
+        {"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+def _unprocessable(detail: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def create_app(*, run_relay: bool = True) -> FastAPI:
+    """Build the app. The relay runs inside each API process (one at a time, by lease)."""
+    settings = get_settings()
+    token_cache = TokenCache(settings.token_cache_seconds)
+    relay = Relay()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        job_types()  # import the task registry before the first request
+        if run_relay:
+            relay.start()
+        yield
+        relay.stop()
+
+    app = FastAPI(
+        title="Warden",
+        version="0.1.0",
+        description="Enqueue and watch the maintenance jobs of the character service.",
+        lifespan=lifespan,
+    )
+
+    # -- auth -------------------------------------------------------------------------------
+
+    def require(scope: str) -> Callable[..., frozenset[str]]:
+        def check(
+            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        ) -> frozenset[str]:
+            if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+                raise HTTPException(401, "missing bearer token",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            scopes = token_cache.scopes(creds.credentials)
+            if scopes is None:
+                raise HTTPException(401, "invalid or revoked token",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            if scope not in scopes and "admin" not in scopes:
+                raise HTTPException(403, f"this token lacks the {scope!r} scope")
+            return scopes
+
+        return check
+
+    # -- errors: a client never gets a 500 for what it sent ------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return _unprocessable(detail)
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+        log.error("api.database_unavailable", error=str(exc).splitlines()[0])
+        return JSONResponse(status_code=503, content={"detail": "database unavailable"},
+                            headers={"Retry-After": "5"})
+
+    # -- metrics middleware ------------------------------------------------------------------
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[..., Any]) -> Response:
+        start = time.perf_counter()
+        response: Response = await call_next(request)
+        route = "unmatched"
+        for r in app.router.routes:
+            match, _ = r.matches(request.scope)
+            if match == Match.FULL:
+                route = getattr(r, "path", "unmatched")
+                break
+        metrics.API_LATENCY.labels(route).observe(time.perf_counter() - start)
+        metrics.API_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        return response
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobOut,
+              dependencies=[Depends(require("enqueue"))],
+              responses={200: {"model": JobOut, "description": "same idempotency key: the first job"},
+                         409: {}, 413: {}, 422: {}})
+    def enqueue(
+        body: JobIn,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(pattern=KEY_PATTERN)] = None,
+    ) -> Any:
+        """Accept a job: 202 with the new job, or 200 with the job an earlier request made."""
+        key = body.idempotency_key
+        if idempotency_key is not None:
+            if key is not None and key != idempotency_key:
+                return _unprocessable([{
+                    "loc": ["header", "Idempotency-Key"], "type": "value_error",
+                    "msg": "differs from body.idempotency_key; send one or make them equal",
+                }])
+            key = idempotency_key
+        try:
+            sub = submit(body.type, body.params, idempotency_key=key, countdown=body.countdown)
+        except UnknownJobType as exc:
+            return _unprocessable([{"loc": ["body", "type"], "msg": str(exc),
+                                    "type": "unknown_job_type", "known_types": exc.known}])
+        except ValidationError as exc:
+            return _unprocessable(_field_errors(exc, ("body", "params")))
+        except IdempotencyConflict as exc:
+            raise HTTPException(409, str(exc)) from exc
+        metrics.JOBS_SUBMITTED.labels(body.type, "created" if sub.created else "deduplicated").inc()
+        if not sub.created:
+            response.status_code = 200
+        return JobOut.from_row(sub.job)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut,
+              dependencies=[Depends(require("read"))])
+    def get_job(job_id: uuid.UUID) -> Any:
+        """One job with its status, attempts, result or error."""
+        row = jobstore.get(job_id)
+        if row is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return JobOut.from_row(row)
+
+    @app.get("/v1/jobs", response_model=JobPage,
+              dependencies=[Depends(require("read"))])
+    def list_jobs(
+        status: Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATUSES) + ")$")] = None,
+        type: Annotated[str | None, Query(max_length=100)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> Any:
+        """Newest first; pass next_cursor back to get the next page."""
+        where, args = ["true"], {"limit": limit + 1}
+        if status:
+            where.append("status = :status")
+            args["status"] = status
+        if type:
+            where.append("type = :type")
+            args["type"] = type
+        if cursor:
+            try:
+                ts, cid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+                args["cts"], args["cid"] = datetime.fromisoformat(ts), uuid.UUID(cid)
+            except (ValueError, TypeError):
+                return _unprocessable([{"loc": ["query", "cursor"], "msg": "invalid cursor",
+                                        "type": "value_error"}])
+            where.append("(created_at, id) < (:cts, :cid)")
+        with session_scope() as s:
+            rows = s.execute(
+                text(f"SELECT {jobstore.JOB_COLUMNS} FROM job_runs WHERE {' AND '.join(where)} "
+                     "ORDER BY created_at DESC, id DESC LIMIT :limit"),
+                args,
+            ).mappings().all()
+        items = [JobOut.from_row(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = items[-1]
+            next_cursor = base64.urlsafe_b64encode(
+                json.dumps([last.created_at.isoformat(), str(last.id)]).encode()
+            ).decode()
+        return JobPage(items=items, next_cursor=next_cursor)
+
+    @app.post("/v1/jobs/{job_id}/retry", response_model=JobOut,
+              dependencies=[Depends(require("admin"))])
+    def retry_job(job_id: uuid.UUID) -> Any:
+        """Run a failed or dead job again with a fresh attempt budget (409 otherwise)."""
+        row = _operate(jobstore.operator_retry, job_id)
+        publish(row["id"], row["type"], row["params"])
+        log.info("job.retry_requested", job_id=str(job_id))
+        return JobOut.from_row(jobstore.get(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,
+              dependencies=[Depends(require("admin"))])
+    def cancel_job(job_id: uuid.UUID) -> Any:
+        """Cancel a job that has not started (queued or retrying); 409 for any other state."""
+        return JobOut.from_row(_operate(jobstore.operator_cancel, job_id))
+
+    @app.get("/v1/job-types", response_model=list[JobTypeOut],
+              dependencies=[Depends(require("read"))])
+    def list_job_types() -> Any:
+        """Every job type with the JSON Schema of its params."""
+        out = []
+        for name, task in job_types().items():
+            doc = (task.__doc__ or task.run.__doc__ or "").strip()
+            out.append(JobTypeOut(
+                name=name, description=doc.split("\n\n")[0],
+                singleton=bool(task.singleton),
+                max_attempts=task.max_attempts or settings.max_attempts,
+                params_schema=task.params.model_json_schema(),
+            ))
+        return out
+
+    # -- health and metrics -------------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(response: Response) -> dict[str, Any]:
+        """Readiness: each dependency checked; 503 when any is down."""
+        checks: dict[str, dict[str, Any]] = {}
+        for name, probe in (("database", _probe_db), ("redis", _probe_redis)):
+            start = time.perf_counter()
+            try:
+                probe()
+                checks[name] = {"ok": True}
+            except Exception as exc:
+                checks[name] = {"ok": False, "error": type(exc).__name__}
+            checks[name]["latency_ms"] = round((time.perf_counter() - start) * 1000, 2)
+        ok = all(c["ok"] for c in checks.values())
+        response.status_code = 200 if ok else 503
+        return {"status": "ready" if ok else "unavailable", "checks": checks}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        """Prometheus exposition."""
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit)
+    return app
+
+
+def _operate(op: Callable[[uuid.UUID], Any], job_id: uuid.UUID) -> Any:
+    try:
+        return op(job_id)
+    except jobstore.JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except jobstore.JobStateConflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+
+
+def _probe_db() -> None:
+    with session_scope() as s:
+        s.execute(text("SET LOCAL statement_timeout = 2000"))
+        s.execute(text("SELECT 1"))
+
+
+def _probe_redis() -> None:
+    get_redis().ping()

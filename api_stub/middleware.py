@@ -1,0 +1,62 @@
+"""ASGI middleware: a hard cap on request bodies, checked while streaming."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_BODY = 64 * 1024
+
+Scope = dict[str, Any]
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes, by Content-Length or by counting a chunked body."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(send)
+                    return
+        seen = 0
+        rejected = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen, rejected
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    rejected = True
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps(
+            {"detail": f"request body over {self.limit // 1024} KiB"}
+        ).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

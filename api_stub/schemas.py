@@ -1,0 +1,72 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: safe in headers and logs
+
+
+class JobIn(BaseModel):
+    """POST /v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(..., min_length=1, max_length=100, examples=["platform.ping"])
+    params: dict[str, Any] = Field(default_factory=dict, examples=[{"echo": "hello"}])
+    idempotency_key: str | None = Field(None, pattern=KEY_PATTERN)
+    countdown: float | None = Field(None, ge=0, le=3600, description="seconds to wait")
+
+
+class JobErrorOut(BaseModel):
+    code: str | None
+    message: str | None
+
+
+class JobOut(BaseModel):
+    """A job as stored: what was asked, where it is, and its result or error."""
+
+    id: uuid.UUID
+    type: str
+    params: dict[str, Any]
+    idempotency_key: str | None
+    status: str
+    attempts: int
+    max_attempts: int
+    source: str
+    created_at: datetime
+    updated_at: datetime
+    not_before: datetime | None
+    expires_at: datetime | None
+    published_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+    result: Any | None
+    error: JobErrorOut | None
+    worker: str | None
+    manual_retries: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobOut:
+        data = dict(row)
+        code, message = data.pop("error_code"), data.pop("error_message")
+        data["error"] = JobErrorOut(code=code, message=message) if code or message else None
+        return cls.model_validate(data)
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class JobTypeOut(BaseModel):
+    name: str
+    description: str
+    singleton: bool
+    max_attempts: int
+    params_schema: dict[str, Any]

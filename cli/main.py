@@ -1,0 +1,282 @@
+"""The `warden` command: the composition root, the one place that imports everything."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, NoReturn
+
+import click
+
+from workers.settings import SettingsError, get_settings
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One clear line on stderr and a non-zero exit."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def parse_param(raw: str) -> tuple[str, Any]:
+    """k=v; v is JSON when it parses (numbers, true, lists), else the plain string."""
+    if "=" not in raw:
+        fail(f"--param wants key=value, got {raw!r}", 2)
+    key, value = raw.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+@click.group()
+def cli() -> None:
+    """Warden: the task-queue worker platform of the character service."""
+
+
+@cli.command()
+@click.option("--no-demo", is_flag=True, help="do not load the small demo data set")
+@click.option("--concurrency", default=2, show_default=True, help="worker processes")
+def up(no_demo: bool, concurrency: int) -> None:
+    """Run everything: embedded services if needed, migrations, API, worker, beat, Flower."""
+    from cli.up import run_up
+
+    sys.exit(run_up(demo=not no_demo, concurrency=concurrency))
+
+
+@cli.command()
+@click.option("--concurrency", "-c", default=2, show_default=True)
+@click.option("--name", "-n", default=None, help="node name (default warden@<host>)")
+@click.option("--loglevel", "-l", default="INFO")
+@click.option("--pool", default="prefork", type=click.Choice(["prefork", "solo", "threads"]))
+def worker(concurrency: int, name: str | None, loglevel: str, pool: str) -> None:
+    """One Celery worker (production: run as many as you need)."""
+    from workers.app import QUEUE, app
+
+    argv = ["worker", "-l", loglevel, "-Q", QUEUE, "-c", str(concurrency), "-P", pool, "-E"]
+    if name:
+        argv += ["-n", name]
+    app.worker_main(argv)
+
+
+@cli.command()
+@click.option("--loglevel", "-l", default="INFO")
+def beat(loglevel: str) -> None:
+    """Celery beat with RedBeat (several may run: one holds the lock)."""
+    from workers.app import app
+
+    app.start(["beat", "-l", loglevel])
+
+
+@cli.command()
+@click.option("--host", default=None, help="default WARDEN_API_HOST")
+@click.option("--port", default=None, type=int, help="default WARDEN_API_PORT")
+def api(host: str | None, port: int | None) -> None:
+    """The HTTP API (with the outbox relay) under uvicorn."""
+    import uvicorn
+
+    from api_stub.app import create_app
+    from workers import logging as wlogging
+
+    settings = get_settings()
+    wlogging.configure(settings.log_level)
+    uvicorn.run(create_app(), host=host or settings.api_host, port=port or settings.api_port,
+                log_config=None, access_log=False, timeout_graceful_shutdown=10)
+
+
+@cli.command()
+@click.option("--port", default=None, type=int, help="default WARDEN_FLOWER_PORT")
+def flower(port: int | None) -> None:
+    """Flower, with basic auth (WARDEN_FLOWER_USER / WARDEN_FLOWER_PASSWORD)."""
+    from cli.up import flower_credentials
+    from workers.app import app
+
+    settings = get_settings()
+    user, password = flower_credentials(settings)
+    app.start(["flower", f"--port={port or settings.flower_port}", "--address=127.0.0.1",
+               f"--basic-auth={user}:{password}", "--persistent=False",
+               "--purge_offline_workers=60"])
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply Alembic migrations."""
+    from workers.migrate import upgrade
+
+    upgrade(revision)
+    click.echo(f"database at {revision}")
+
+
+@cli.group()
+def token() -> None:
+    """API tokens."""
+
+
+@token.command("create")
+@click.option("--name", required=True)
+@click.option("--scopes", default="read", show_default=True, help="comma list: read,enqueue,admin")
+def token_create(name: str, scopes: str) -> None:
+    """Create a token and print it once (only its hash is stored)."""
+    from workers.tokens import TokenError, create_token, parse_scopes
+
+    try:
+        click.echo(create_token(name, parse_scopes(scopes)))
+    except TokenError as exc:
+        fail(str(exc), 2)
+
+
+@token.command("revoke")
+@click.option("--name", required=True)
+def token_revoke(name: str) -> None:
+    """Revoke a token by name."""
+    from workers.tokens import revoke_token
+
+    if not revoke_token(name):
+        fail(f"no live token named {name!r}")
+    click.echo(f"revoked {name}")
+
+
+def _job_json(row: Any) -> str:
+    from api_stub.schemas import JobOut
+
+    return JobOut.from_row(row).model_dump_json(indent=2)
+
+
+@cli.command()
+@click.argument("job_type")
+@click.option("--param", "-p", "params", multiple=True, help="key=value (value may be JSON)")
+@click.option("--key", default=None, help="idempotency key")
+@click.option("--countdown", default=None, type=float)
+@click.option("--wait", is_flag=True, help="wait for the job to finish; exit 1 unless it succeeds")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
+def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: float | None,
+            wait: bool, timeout: float) -> None:
+    """Submit a job, as the API would."""
+    from pydantic import ValidationError
+
+    from workers import jobstore
+    from workers.enqueue import IdempotencyConflict, UnknownJobType, submit
+
+    values = dict(parse_param(p) for p in params)
+    try:
+        sub = submit(job_type, values, idempotency_key=key, countdown=countdown, source="cli")
+    except UnknownJobType as exc:
+        fail(str(exc), 2)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"param {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", 2)
+    except IdempotencyConflict as exc:
+        fail(str(exc), 2)
+    job_id = sub.job["id"]
+    if not wait:
+        click.echo(_job_json(sub.job))
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = jobstore.get(job_id)
+        if row is not None and row["status"] in ("succeeded", "failed", "dead", "cancelled"):
+            click.echo(_job_json(row))
+            sys.exit(0 if row["status"] == "succeeded" else 1)
+        time.sleep(0.1)
+    fail(f"job {job_id} not finished after {timeout:.0f}s (still running; see `warden job`)")
+
+
+@cli.command()
+@click.option("--status", default=None)
+@click.option("--type", "job_type", default=None)
+@click.option("--limit", default=20, show_default=True)
+def jobs(status: str | None, job_type: str | None, limit: int) -> None:
+    """The newest jobs, one line each."""
+    from sqlalchemy import text
+
+    from workers.db import session_scope
+
+    where, args = ["true"], {"limit": limit}
+    if status:
+        where.append("status=:status")
+        args["status"] = status
+    if job_type:
+        where.append("type=:type")
+        args["type"] = job_type
+    with session_scope() as s:
+        rows = s.execute(
+            text("SELECT id, type, status, attempts, created_at, error_code FROM job_runs "
+                 f"WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT :limit"), args
+        ).all()
+    for r in rows:
+        click.echo(f"{r.id}  {r.status:<9}  {r.type:<28} attempts={r.attempts}  "
+                   f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.error_code or ''}".rstrip())
+
+
+@cli.command()
+@click.argument("job_id")
+def job(job_id: str) -> None:
+    """One job, as JSON."""
+    from workers import jobstore
+
+    row = jobstore.get(_job_uuid(job_id))
+    if row is None:
+        fail(f"no job {job_id}")
+    click.echo(_job_json(row))
+
+
+def _job_uuid(raw: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        fail(f"{raw!r} is not a job id (a UUID)", 2)
+
+
+@cli.command()
+@click.argument("job_id")
+def retry(job_id: str) -> None:
+    """Run a failed or dead job again."""
+    from workers import jobstore
+    from workers.enqueue import publish
+
+    try:
+        row = jobstore.operator_retry(_job_uuid(job_id))
+    except (jobstore.JobNotFound, jobstore.JobStateConflict) as exc:
+        fail(str(exc))
+    publish(row["id"], row["type"], row["params"])
+    click.echo(f"job {row['id']} queued again")
+
+
+@cli.command()
+@click.option("--characters", default=1000, show_default=True, type=click.IntRange(0, 10_000_000))
+@click.option("--violations", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="share of characters breaking each DOMAIN.md rule")
+@click.option("--seed", "rng_seed", default=42, show_default=True, help="random seed")
+def seed(characters: int, violations: float, rng_seed: int) -> None:
+    """Demo and benchmark data (set-based SQL; 1M characters in minutes)."""
+    from domain.demo import seed as run_seed
+
+    started = time.monotonic()
+    counts = run_seed(characters, violations=violations, rng_seed=rng_seed)
+    click.echo(json.dumps({**counts, "seconds": round(time.monotonic() - started, 1)}))
+
+
+def main() -> None:
+    """Entry point: turn the expected failures into one line and a non-zero exit."""
+    import sqlalchemy.exc
+
+    try:
+        cli(standalone_mode=True)
+    except SettingsError as exc:
+        fail(str(exc))
+    except sqlalchemy.exc.OperationalError as exc:
+        fail(f"database unreachable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
+    except ValueError as exc:  # pydantic settings errors are ValueErrors
+        fail(str(exc).splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""`warden up`: the whole platform in one terminal, stopped cleanly by Ctrl-C.
+
+Children run in their own sessions so Ctrl-C reaches only this supervisor, which stops them
+in order (producers first, servers last) and kills any straggler's whole process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from workers.settings import Settings, get_settings
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def flower_credentials(settings: Settings) -> tuple[str, str]:
+    """Configured credentials, or dev ones generated once into the data dir."""
+    if settings.flower_password is not None:
+        return settings.flower_user, settings.flower_password.get_secret_value()
+    path = settings.data_dir / "flower-password"
+    if path.exists():
+        return settings.flower_user, path.read_text().strip()
+    password = secrets.token_urlsafe(18)
+    _write_secret(path, password)
+    return settings.flower_user, password
+
+
+def admin_token(settings: Settings) -> str:
+    """The dev admin token in .warden/admin-token, created if missing or no longer valid."""
+    from workers.tokens import create_token, token_is_valid
+
+    path = settings.data_dir / "admin-token"
+    if path.exists():
+        current = path.read_text().strip()
+        if current and token_is_valid(current):
+            return current
+    token = create_token(f"admin-{int(time.time())}", ["admin", "enqueue", "read"])
+    _write_secret(path, token)
+    return token
+
+
+def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=open(log_path, "ab"),  # noqa: SIM115 - owned by the child
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever is left of its group (prefork children, a hung process) goes now.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+def run_up(*, demo: bool, concurrency: int) -> int:
+    """Start everything and supervise until Ctrl-C or a child dies; returns the exit code."""
+    from workers import embedded, logging as wlogging
+    from workers.db import reset_engine
+    from workers.migrate import upgrade
+
+    settings = get_settings()
+    wlogging.configure(settings.log_level, json=False)
+    data_dir = settings.data_dir.resolve()
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stop = {"sig": None}
+
+    def on_signal(signum: int, _: Any) -> None:
+        stop["sig"] = signum  # type: ignore[assignment]
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    env = dict(os.environ)
+    pg: embedded.EmbeddedPostgres | None = None
+    rd: embedded.EmbeddedRedis | None = None
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        pg_port, rd_port = embedded.read_ports(data_dir)
+        if settings.database_url is None:
+            click.echo("starting embedded PostgreSQL ...")
+            pg = embedded.EmbeddedPostgres(data_dir, pg_port)
+            env["WARDEN_DATABASE_URL"] = pg.start()
+        if settings.redis_url is None:
+            click.echo("starting embedded Redis ...")
+            rd = embedded.EmbeddedRedis(data_dir, rd_port)
+            env["WARDEN_REDIS_URL"] = rd.start()
+        db_url = env.get("WARDEN_DATABASE_URL") or settings.database_dsn()
+        redis_url = env.get("WARDEN_REDIS_URL") or settings.redis_dsn()
+        embedded.write_state(data_dir, db_url, redis_url)
+        get_settings.cache_clear()
+        os.environ["WARDEN_DATABASE_URL"], os.environ["WARDEN_REDIS_URL"] = db_url, redis_url
+        settings = get_settings()
+
+        click.echo("applying migrations ...")
+        upgrade(url=db_url)
+        if demo:
+            from domain.demo import seed_demo_if_empty
+
+            loaded = seed_demo_if_empty()
+            if loaded:
+                click.echo(f"loaded demo data: {loaded}")
+        token = admin_token(settings)
+        fuser, fpass = flower_credentials(settings)
+        reset_engine()
+
+        for name, args in (
+            ("worker", ["worker", "-c", str(concurrency), "-n", f"warden-up-{os.getpid()}@%h"]),
+            ("api", ["api"]),
+            ("beat", ["beat"]),
+            ("flower", ["flower"]),
+        ):
+            children.append((name, _spawn(args, env, logs / f"{name}.log")))
+
+        from workers.embedded import wait_for_port
+
+        wait_for_port(settings.api_port, 60, children[1][1])
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        click.echo(
+            "\nWarden is up.\n"
+            f"  API        {api_url}   (docs {api_url}/docs)\n"
+            f"  Flower     http://127.0.0.1:{settings.flower_port}   user {fuser}  password {fpass}\n"
+            f"  Admin token (also in {data_dir / 'admin-token'}):\n    {token}\n"
+            f"  Logs       {logs}/\n"
+            "  Try:\n"
+            f"    curl -s -X POST {api_url}/v1/jobs -H \"Authorization: Bearer $(cat "
+            f"{data_dir / 'admin-token'})\" -H 'Content-Type: application/json' "
+            "-d '{\"type\": \"platform.ping\", \"params\": {\"echo\": \"hello\"}}'\n"
+            "Press Ctrl-C to stop.",
+        )
+        while stop["sig"] is None:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    click.echo(f"{name} exited with {proc.returncode}; see {logs / name}.log; "
+                               "stopping everything", err=True)
+                    return 1
+            time.sleep(0.3)
+        click.echo("\nstopping ...")
+        return 0
+    except Exception as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    finally:
+        for _, proc in reversed(children):  # flower, beat, api, then the worker
+            _stop_child(proc, 20)
+        if rd is not None:
+            rd.stop()
+        if pg is not None:
+            pg.stop()
+        if pg is not None or rd is not None:
+            embedded.clear_state(data_dir)
+        click.echo("stopped.")

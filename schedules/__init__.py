@@ -1,0 +1,37 @@
+"""The beat schedule as data: task names, never imports of task code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One schedule entry.
+
+    `slot_format` (strftime, in the platform's timezone) turns the firing time into the
+    slot part of the idempotency key `<name>:<slot>`, so a slot fired twice (two beats, a
+    restart) runs once. `expires` (seconds): a message not started by then is dropped,
+    because the next slot will do the work.
+    """
+
+    name: str
+    task: str
+    cron: dict[str, str]
+    expires: int
+    slot_format: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# The health check of the platform itself; job families add their entries here.
+SCHEDULE: tuple[Entry, ...] = (
+    Entry(
+        name="platform-heartbeat",
+        task="platform.ping",
+        cron={"minute": "*/5"},
+        expires=300,
+        slot_format="%Y-%m-%dT%H:%M",
+        params={"echo": "beat"},
+    ),
+)

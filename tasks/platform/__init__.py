@@ -1,0 +1,1 @@
+"""Platform job family: smoke tests and benchmarks of the job core itself."""

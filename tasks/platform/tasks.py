@@ -1,0 +1,16 @@
+"""Platform tasks: the ping used by smoke tests and the benchmarks."""
+
+from __future__ import annotations
+
+from tasks.platform.schemas import Ping
+from workers.app import app
+from workers.jobs import JobTask
+
+
+@app.task(name="platform.ping", base=JobTask, params=Ping, bind=True)
+def ping(self: JobTask, params: Ping) -> dict[str, str]:
+    """Return the echo and the job id.
+
+    Idempotency: no effect beyond its own result, which the job core stores once.
+    """
+    return {"echo": params.echo, "job_id": self.job_id}

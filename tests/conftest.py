@@ -1,0 +1,255 @@
+"""Real services for the whole suite.
+
+WARDEN_TEST_DATABASE_URL / WARDEN_TEST_REDIS_URL point the suite at existing servers (a
+fresh database is created on that server, and the Redis DB is flushed); without them the
+suite starts embedded PostgreSQL and Redis on free ports in a temp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+# Fast knobs for tests: short backoff and leases, an eager relay. Each is a real setting.
+TEST_SETTINGS = {
+    "WARDEN_RETRY_BACKOFF_BASE": "0.2",
+    "WARDEN_RETRY_BACKOFF_MAX": "1",
+    "WARDEN_LEASE_TTL": "3",
+    "WARDEN_RELAY_INTERVAL": "0.5",
+    "WARDEN_RELAY_GRACE": "1",
+    "WARDEN_TOKEN_CACHE_SECONDS": "0",
+    "WARDEN_EXTRA_TASK_MODULES": '["tests.support.tasks"]',
+    "WARDEN_LOG_LEVEL": "INFO",
+}
+
+
+@dataclass
+class Services:
+    database_url: str
+    redis_url: str
+    data_dir: Path
+    cleanups: list[object] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WARDEN_")}
+        env.update(TEST_SETTINGS)
+        env.update(WARDEN_DATABASE_URL=self.database_url, WARDEN_REDIS_URL=self.redis_url,
+                   WARDEN_DATA_DIR=str(self.data_dir))
+        env.update(extra)
+        return env
+
+
+def _fresh_database(server_url: str) -> tuple[str, str]:
+    """Create warden_test_<random> on the server; return (its URL, admin URL)."""
+    parts = urlsplit(server_url.replace("postgresql+psycopg://", "postgresql://"))
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    name = f"warden_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(parts._replace(path=f"/{name}")), admin
+
+
+def _apply_env(services: Services) -> None:
+    from workers.db import reset_engine
+    from workers.redis_client import reset_redis
+    from workers.settings import get_settings
+
+    for key in [k for k in os.environ if k.startswith("WARDEN_")]:
+        del os.environ[key]
+    os.environ.update(services.env())
+    get_settings.cache_clear()
+    reset_engine()
+    reset_redis()
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    """Postgres (migrated) and Redis for the session, embedded unless given by env."""
+    tmp = Path(tempfile.mkdtemp(prefix="warden-test-"))
+    pg: EmbeddedPostgres | None = None
+    rd: EmbeddedRedis | None = None
+    drop: tuple[str, str] | None = None
+    db_env, redis_env = os.environ.get("WARDEN_TEST_DATABASE_URL"), os.environ.get(
+        "WARDEN_TEST_REDIS_URL")
+    if db_env:
+        db_url, admin = _fresh_database(db_env)
+        drop = (admin, db_url.rsplit("/", 1)[1])
+    else:
+        pg = EmbeddedPostgres(tmp)
+        db_url = pg.start()
+    if redis_env:
+        redis_url = redis_env
+        redis.Redis.from_url(redis_url).flushdb()
+    else:
+        rd = EmbeddedRedis(tmp)
+        redis_url = rd.start()
+    svc = Services(db_url, redis_url, tmp)
+    _apply_env(svc)
+    from workers.migrate import upgrade
+
+    upgrade()
+    from tests.support.tasks import EFFECTS_DDL
+
+    with psycopg.connect(db_url) as conn:
+        conn.execute(EFFECTS_DDL)
+    try:
+        yield svc
+    finally:
+        from workers.db import reset_engine
+
+        reset_engine()
+        if pg is not None:
+            pg.stop()
+        if rd is not None:
+            rd.stop()
+        if drop is not None:
+            with psycopg.connect(drop[0], autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{drop[1]}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(services: Services) -> Iterator[psycopg.Connection]:
+    """A plain autocommit connection for given/then SQL in tests."""
+    with psycopg.connect(services.database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def rds(services: Services) -> redis.Redis:
+    return redis.Redis.from_url(services.redis_url, decode_responses=True)
+
+
+class Proc:
+    """A warden child process (worker, api, ...) in its own process group."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.log = args, log
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *args], env=env, cwd=ROOT,
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+def start_worker(services: Services, name: str, *, concurrency: int = 2,
+                 env: dict[str, str] | None = None, redis_url: str | None = None) -> Proc:
+    """A real Celery worker process; returns once it consumes."""
+    extra = dict(env or {})
+    if redis_url:
+        extra["WARDEN_REDIS_URL"] = redis_url
+    log = services.data_dir / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
+    proc = Proc(["worker", "-c", str(concurrency), "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h"],
+                services.env(**extra), log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if "ready" in proc.tail(100_000):
+            return proc
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"worker exited: {proc.tail()}")
+        time.sleep(0.1)
+    proc.stop()
+    raise RuntimeError(f"worker not ready: {proc.tail()}")
+
+
+def start_api(services: Services, *, redis_url: str | None = None) -> tuple[Proc, str]:
+    """The real API (uvicorn, with the relay) on a free port; returns (proc, base URL)."""
+    port = free_port()
+    extra = {"WARDEN_REDIS_URL": redis_url} if redis_url else {}
+    proc = Proc(["api", "--port", str(port)], services.env(**extra),
+                services.data_dir / f"api-{port}.log")
+    try:
+        wait_for_port(port, 60, proc.popen)  # type: ignore[arg-type]
+    except Exception as exc:
+        proc.stop()
+        raise RuntimeError(f"api did not start: {proc.tail()}") from exc
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def worker(services: Services) -> Iterator[Proc]:
+    """One shared worker for tests that only need jobs to run."""
+    proc = start_worker(services, "shared")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def api(services: Services) -> Iterator[str]:
+    proc, url = start_api(services)
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tokens(services: Services) -> dict[str, str]:
+    """One token per scope set, created the way `warden token create` does."""
+    from workers.tokens import create_token
+
+    tag = uuid.uuid4().hex[:6]
+    return {
+        "admin": create_token(f"t-admin-{tag}", ["admin"]),
+        "enqueue": create_token(f"t-enqueue-{tag}", ["enqueue", "read"]),
+        "read": create_token(f"t-read-{tag}", ["read"]),
+    }
+
+
+@pytest.fixture
+def client(api: str, tokens: dict[str, str]) -> Iterator[httpx.Client]:
+    """HTTP client with the enqueue+read token."""
+    with httpx.Client(base_url=api, timeout=10,
+                      headers={"Authorization": f"Bearer {tokens['enqueue']}"}) as c:
+        yield c
+
+
+def wait_for_status(job_id: str, statuses: set[str], timeout: float = 30) -> dict[str, object]:
+    """Poll job_runs until the job reaches one of the statuses."""
+    from workers import jobstore
+
+    deadline = time.monotonic() + timeout
+    row = None
+    while time.monotonic() < deadline:
+        row = jobstore.get(job_id)
+        if row is not None and row["status"] in statuses:
+            return dict(row)
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not in {statuses} after {timeout}s: {row and dict(row)}")

@@ -1,0 +1,261 @@
+"""The one way a job enters the system: row first, publish after commit, relay for the rest.
+
+Every producer (API, CLI, beat) calls `submit`. The job_runs row commits before anything is
+sent, so an accepted job survives a Redis outage; `Relay` publishes what stayed unpublished.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.engine import RowMapping
+
+from workers import jobstore, leases
+from workers.app import app, registered_job_tasks
+from workers.db import session_scope
+from workers.settings import get_settings
+
+log = structlog.get_logger("warden.enqueue")
+
+MAX_COUNTDOWN = 3600  # below the visibility timeout, or Redis would redeliver while it waits
+PUBLISH_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+class UnknownJobType(LookupError):
+    """The type names no registered job."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown job type {name!r}; known types: {', '.join(known)}")
+        self.name = name
+        self.known = known
+
+
+class IdempotencyConflict(ValueError):
+    """The key was already used for a different job (another type or other params)."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: RowMapping
+    created: bool
+    published: bool
+
+
+_catalogue: dict[str, Any] | None = None
+
+
+def job_types() -> dict[str, Any]:
+    """Registered job types (cached: the registry does not change while a process runs)."""
+    global _catalogue
+    if _catalogue is None:
+        _catalogue = registered_job_tasks()
+    return _catalogue
+
+
+def validate(job_type: str, params: dict[str, Any] | None) -> BaseModel:
+    """Params as the type's model; raises UnknownJobType or pydantic.ValidationError."""
+    types = job_types()
+    task = types.get(job_type)
+    if task is None:
+        raise UnknownJobType(job_type, sorted(types))
+    model: BaseModel = task.params.model_validate(params or {})
+    return model
+
+
+def submit(
+    job_type: str,
+    params: dict[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+    countdown: float | None = None,
+    expires: float | None = None,
+    source: str = "api",
+) -> Submitted:
+    """Validate, insert the job (or find the one with this key), commit, then publish."""
+    model = validate(job_type, params)
+    clean = model.model_dump(mode="json")
+    task = job_types()[job_type]
+    max_attempts = task.max_attempts or get_settings().max_attempts
+    now = datetime.now(UTC)
+    not_before = now + timedelta(seconds=countdown) if countdown else None
+    expires_at = now + timedelta(seconds=expires) if expires else None
+    with session_scope() as s:
+        row = s.execute(
+            text(
+                "INSERT INTO job_runs (id, type, params, idempotency_key, max_attempts, source, "
+                "not_before, expires_at) VALUES (:id, :t, CAST(:p AS jsonb), :k, :m, :src, :nb, :ex) "
+                f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {jobstore.JOB_COLUMNS}"
+            ),
+            {"id": uuid.uuid4(), "t": job_type, "p": json.dumps(clean), "k": idempotency_key,
+             "m": max_attempts, "src": source, "nb": not_before, "ex": expires_at},
+        ).mappings().first()
+        if row is None:
+            existing = s.execute(
+                text(f"SELECT {jobstore.JOB_COLUMNS} FROM job_runs WHERE idempotency_key=:k"),
+                {"k": idempotency_key},
+            ).mappings().one()
+            if existing["type"] != job_type or existing["params"] != clean:
+                raise IdempotencyConflict(
+                    f"idempotency key {idempotency_key!r} was used for another job "
+                    f"({existing['type']} {existing['id']})"
+                )
+            return Submitted(existing, created=False, published=True)
+    published = publish(row["id"], job_type, clean, not_before)
+    return Submitted(row, created=True, published=published)
+
+
+def publish(job_id: uuid.UUID, job_type: str, params: dict[str, Any],
+            eta: datetime | None = None) -> bool:
+    """Send the job's message; False (logged) when the broker is unreachable."""
+    try:
+        app.send_task(
+            job_type,
+            kwargs={"params": params},
+            task_id=str(job_id),
+            eta=eta if eta and eta > datetime.now(UTC) else None,
+            retry=True,
+            retry_policy=PUBLISH_POLICY,
+        )
+    except Exception as exc:  # any broker failure: the relay will publish it later
+        log.warning("job.publish_failed", job_id=str(job_id), error=f"{type(exc).__name__}: {exc}")
+        return False
+    _marker.mark(job_id)
+    return True
+
+
+class PublishedMarker:
+    """Sets published_at in batches from a background thread.
+
+    Why: it keeps the accept path at one transaction and one publish. If the process dies
+    before a flush, the relay publishes those jobs again; a duplicate message is harmless
+    (the job lease and the claim make the second delivery a no-op).
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self._q: queue.SimpleQueue[uuid.UUID] = queue.SimpleQueue()
+        self._interval = interval
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def mark(self, job_id: uuid.UUID) -> None:
+        self._q.put(job_id)
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name="publish-marker",
+                                                    daemon=True)
+                    self._thread.start()
+                    atexit.register(self.flush)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            self.flush()
+
+    def flush(self) -> None:
+        ids: list[uuid.UUID] = []
+        while True:
+            try:
+                ids.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        if not ids:
+            return
+        try:
+            with session_scope() as s:
+                s.execute(
+                    text("UPDATE job_runs SET published_at=now() "
+                         "WHERE id = ANY(:ids) AND published_at IS NULL"),
+                    {"ids": ids},
+                )
+        except Exception as exc:  # the relay re-publishes; duplicates are harmless
+            log.warning("job.mark_published_failed", count=len(ids), error=str(exc))
+
+
+_marker = PublishedMarker()
+
+
+class Relay:
+    """Publishes jobs that were accepted but never reached the broker, and retries whose
+    message went missing. One relay runs at a time (a Redis lease), so several API
+    processes can each start one."""
+
+    LEASE_KEY = "warden:lease:relay"
+    BATCH = 500
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        """One pass; returns how many jobs were published."""
+        settings = get_settings()
+        with leases.held(self.LEASE_KEY, ttl=max(30.0, settings.relay_interval * 5)) as lease:
+            if lease is None:
+                return 0
+            with session_scope() as s:
+                rows = s.execute(
+                    text(
+                        "SELECT id, type, params, not_before FROM job_runs "
+                        "WHERE (status='queued' AND published_at IS NULL "
+                        "       AND created_at < now() - make_interval(secs => :grace)) "
+                        "   OR (status='retrying' AND next_attempt_at < now() - interval '60 s') "
+                        "ORDER BY created_at LIMIT :n"
+                    ),
+                    {"grace": settings.relay_grace, "n": self.BATCH},
+                ).all()
+            sent = 0
+            for row in rows:
+                if not publish(row.id, row.type, row.params, row.not_before):
+                    break  # broker still down: try again next pass
+                sent += 1
+                with session_scope() as s:
+                    # A stale retry gets its next look in 5 minutes, not every pass.
+                    s.execute(
+                        text("UPDATE job_runs SET published_at=COALESCE(published_at, now()), "
+                             "next_attempt_at=CASE WHEN status='retrying' "
+                             "THEN now() + interval '5 min' END WHERE id=:id"),
+                        {"id": row.id},
+                    )
+            if sent:
+                log.info("relay.published", count=sent)
+            return sent
+
+    def _loop(self) -> None:
+        interval = get_settings().relay_interval
+        while not self._stop.wait(interval):
+            try:
+                self.run_once()
+            except Exception as exc:  # Redis or Postgres down: keep looping
+                log.warning("relay.pass_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def start(self) -> None:
+        """Run in a daemon thread until stop()."""
+        self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def pending_count() -> int:
+    """Jobs accepted but not yet confirmed published (the outbox depth)."""
+    with session_scope() as s:
+        return int(
+            s.execute(
+                text("SELECT count(*) FROM job_runs WHERE status='queued' AND published_at IS NULL")
+            ).scalar_one()
+        )

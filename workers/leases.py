@@ -1,0 +1,164 @@
+"""Leases in Redis: a token, a TTL, renewal by the holder, and release only by the holder.
+
+Why not a plain SETNX lock: a crashed holder must not block forever (TTL), a live holder
+must keep its lease past the TTL (renewal thread), and a holder whose lease expired must not
+delete its successor's (compare-and-delete in Lua). A holder on this host whose process is
+gone is detected at once by pid, so redelivery after SIGKILL does not wait for the TTL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import redis
+
+from workers.redis_client import get_redis
+from workers.settings import get_settings
+
+log = logging.getLogger(__name__)
+HOSTNAME = socket.gethostname()
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+_STEAL = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1
+end
+return 0
+"""
+
+
+@dataclass
+class Lease:
+    """A held lease. `lost` turns true if renewal found someone else holding it."""
+
+    key: str
+    token: str
+    ttl_ms: int
+    lost: bool = field(default=False)
+
+
+def _new_token() -> str:
+    return f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
+def _holder_is_dead(token: str) -> bool:
+    """True only when the holder provably is gone: same host, and its pid no longer exists."""
+    try:
+        host, pid_s, _ = token.split(":", 2)
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if host != HOSTNAME or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class LeaseKeeper:
+    """One daemon thread per process renewing every lease it holds at a third of the TTL."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+            self._thread.start()
+
+    def add(self, lease: Lease) -> None:
+        with self._lock:
+            self._held[lease.key] = lease
+            self._ensure_thread()
+
+    def discard(self, lease: Lease) -> None:
+        with self._lock:
+            self._held.pop(lease.key, None)
+
+    def _loop(self) -> None:
+        while True:
+            interval = get_settings().lease_ttl / 3
+            time.sleep(interval)
+            with self._lock:
+                leases = list(self._held.values())
+            for lease in leases:
+                try:
+                    ok = get_redis().eval(_RENEW, 1, lease.key, lease.token, lease.ttl_ms)
+                except redis.RedisError as exc:  # keep trying; the TTL gives us slack
+                    log.warning("lease renewal failed for %s: %s", lease.key, exc)
+                    continue
+                if not ok:
+                    lease.lost = True
+                    self.discard(lease)
+                    log.error("lease %s was lost (expired or taken over)", lease.key)
+
+
+_keeper = LeaseKeeper()
+
+
+def acquire(key: str, ttl: float | None = None, *, renew: bool = True) -> Lease | None:
+    """Take the lease or return None if a live holder has it. Takes over a dead local holder's."""
+    ttl_ms = int((ttl or get_settings().lease_ttl) * 1000)
+    token = _new_token()
+    client = get_redis()
+    if not client.set(key, token, nx=True, px=ttl_ms):
+        current = client.get(key)
+        if current is None:
+            if not client.set(key, token, nx=True, px=ttl_ms):
+                return None
+        elif not (_holder_is_dead(current) and client.eval(_STEAL, 1, key, current, token, ttl_ms)):
+            return None
+    lease = Lease(key, token, ttl_ms)
+    if renew:
+        _keeper.add(lease)
+    return lease
+
+
+def release(lease: Lease) -> bool:
+    """Give the lease back if we still hold it; never deletes a successor's."""
+    _keeper.discard(lease)
+    try:
+        return bool(get_redis().eval(_RELEASE, 1, lease.key, lease.token))
+    except redis.RedisError as exc:
+        log.warning("lease release failed for %s (it will expire): %s", lease.key, exc)
+        return False
+
+
+def remaining_ttl(key: str) -> float:
+    """Seconds until the lease expires (0 when free)."""
+    ms = get_redis().pttl(key)
+    return max(0.0, ms / 1000) if ms and ms > 0 else 0.0
+
+
+@contextlib.contextmanager
+def held(key: str, ttl: float | None = None) -> Iterator[Lease | None]:
+    """`with held(key) as lease:` lease is None when someone else holds it."""
+    lease = acquire(key, ttl)
+    try:
+        yield lease
+    finally:
+        if lease is not None:
+            release(lease)

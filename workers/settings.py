@@ -1,0 +1,124 @@
+"""One settings object for every process: env vars with the WARDEN_ prefix, nothing else.
+
+Why one class: operators configure the platform in one place (README, .env.example), and no
+module reads os.environ behind its back.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "password", "admin", "secret", "dev"}
+EMBEDDED_STATE_FILE = "services.json"
+
+
+class SettingsError(RuntimeError):
+    """Configuration that cannot work; the message is meant for an operator."""
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. URLs left unset mean 'use the embedded servers of `warden up`'."""
+
+    model_config = SettingsConfigDict(env_prefix="WARDEN_", env_file=".env", extra="ignore")
+
+    database_url: SecretStr | None = None
+    redis_url: SecretStr | None = None
+    data_dir: Path = Path(".warden")
+    env: Literal["dev", "prod"] = "dev"
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_user: str = "warden"
+    flower_password: SecretStr | None = None
+    timezone: str = "UTC"
+    log_level: str = "INFO"
+    # Extra task modules for the worker (the test suite's fault-injection jobs).
+    extra_task_modules: list[str] = Field(default_factory=list)
+
+    # Job execution. Budget 5 with base 2 s and cap 300 s: a transient outage of ~1 minute is
+    # ridden out before a job is declared dead.
+    max_attempts: int = Field(5, ge=1, le=100)
+    retry_backoff_base: float = Field(2.0, ge=0.0)
+    retry_backoff_max: float = Field(300.0, ge=0.0)
+    task_soft_time_limit: int = Field(3300, ge=1)
+    task_time_limit: int = Field(3600, ge=1)
+    # Redis redelivers an unacked message after this; it must exceed the hard limit or a
+    # long job would be run twice at once.
+    visibility_timeout: int | None = None
+    # Job and singleton leases: TTL, renewed every third of it by the holder.
+    lease_ttl: float = Field(15.0, gt=0.5)
+    # The outbox relay: how often it looks, and how old an unpublished job must be before
+    # the relay (not the request that accepted it) publishes it.
+    relay_interval: float = Field(2.0, gt=0)
+    relay_grace: float = Field(5.0, ge=0)
+    # Bearer tokens are cached (by hash) this long in each API process; revocation lag.
+    token_cache_seconds: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("WARDEN_TASK_SOFT_TIME_LIMIT must be below WARDEN_TASK_TIME_LIMIT")
+        if self.visibility_timeout is not None and self.visibility_timeout <= self.task_time_limit:
+            raise ValueError("WARDEN_VISIBILITY_TIMEOUT must exceed WARDEN_TASK_TIME_LIMIT")
+        if self.env == "prod":
+            pw = self.flower_password.get_secret_value() if self.flower_password else ""
+            if pw.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("WARDEN_FLOWER_PASSWORD is unset or a placeholder; refused in prod")
+            if self.database_url is None or self.redis_url is None:
+                raise ValueError("prod needs WARDEN_DATABASE_URL and WARDEN_REDIS_URL")
+        return self
+
+    @property
+    def effective_visibility_timeout(self) -> int:
+        """Default: the hard limit plus 10 minutes of slack."""
+        return self.visibility_timeout or self.task_time_limit + 600
+
+    def _embedded_state(self) -> dict[str, str]:
+        path = self.data_dir / EMBEDDED_STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def database_dsn(self) -> str:
+        """The SQLAlchemy URL: the configured one, else the one `warden up` wrote."""
+        if self.database_url is not None:
+            return normalize_db_url(self.database_url.get_secret_value())
+        url = self._embedded_state().get("database_url")
+        if not url:
+            raise SettingsError(
+                "no database: set WARDEN_DATABASE_URL or start the embedded one with `warden up`"
+            )
+        return normalize_db_url(url)
+
+    def redis_dsn(self) -> str:
+        """The Redis URL: the configured one, else the one `warden up` wrote."""
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        url = self._embedded_state().get("redis_url")
+        if not url:
+            raise SettingsError(
+                "no Redis: set WARDEN_REDIS_URL or start the embedded one with `warden up`"
+            )
+        return url
+
+
+def normalize_db_url(url: str) -> str:
+    """Accept plain postgresql:// URLs and use psycopg 3 for them."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return Settings()
