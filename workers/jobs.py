@@ -190,7 +190,7 @@ class JobTask(Task):  # type: ignore[misc]
                 next_at: datetime | None = None) -> None:
         try:
             jobstore.fail(job_id, status, code, message, next_at)
-        except TRANSIENT_EXCEPTIONS as exc:
+        except Exception as exc:
             # Cannot record the outcome: run the job again later rather than lose it.
             raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
 

@@ -124,8 +124,9 @@ def fail(job_id: str, status: str, code: str, message: str,
     with session_scope() as s:
         s.execute(
             text(
-                "UPDATE job_runs SET status=:st, error_code=:c, error_message=:m, "
-                "next_attempt_at=:n, finished_at=CASE WHEN :st='retrying' THEN NULL ELSE now() END "
+                "UPDATE job_runs SET status=CAST(:st AS varchar), error_code=:c, error_message=:m, "
+                "next_attempt_at=:n, "
+                "finished_at=CASE WHEN CAST(:st AS varchar)='retrying' THEN NULL ELSE now() END "
                 "WHERE id=:id"
             ),
             {"id": _uuid(job_id), "st": status, "c": code[:100], "m": message[:4000],

@@ -1,0 +1,58 @@
+"""`python -m bench`: start the servers, run each bench, print one result line per bench."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _terminate(signum: int, _: FrameType | None) -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every `finally` stops its processes."""
+    raise SystemExit(128 + signum)
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    n = _env_int("WARDEN_BENCH_N", 2000)
+    concurrency = _env_int("WARDEN_BENCH_CONCURRENCY", 2)
+    clients = _env_int("WARDEN_BENCH_CLIENTS", 16)
+    duration = _env_float("WARDEN_BENCH_DURATION", 10.0)
+    only = os.environ.get("WARDEN_BENCH_ONLY", "")
+
+    from bench import enqueue_api, phases, ping
+    from bench.services import services
+
+    print(f"# warden bench: {os.cpu_count()} CPUs shared by Postgres, Redis, the servers, "
+          "the worker and the load generator (all on this host)", flush=True)
+    started = time.monotonic()
+    with services() as svc:
+        if only in ("", "ping"):
+            for line in ping.run(svc, n, concurrency):
+                print(line, flush=True)
+            for line in phases.run(svc):
+                print(line, flush=True)
+        if only in ("", "api"):
+            for line in enqueue_api.run(svc, clients, duration):
+                print(line, flush=True)
+    print(f"# done in {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("# interrupted; every process was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,106 @@
+"""Delivery guarantees with real worker processes: once, despite duplicates and crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import Proc, Services, start_worker, wait_for_status
+from workers.app import app
+
+pytestmark = pytest.mark.slow
+
+
+def _starts(db: psycopg.Connection, job_id: str) -> int:
+    row = db.execute("SELECT count(*) FROM test_starts WHERE job_id=%s", (job_id,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _effects(db: psycopg.Connection, job_id: str) -> int:
+    row = db.execute("SELECT count(*) FROM test_effects WHERE job_id=%s", (job_id,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_duplicate_key_and_duplicate_message_run_once(
+    client: httpx.Client, worker: Proc, db: psycopg.Connection
+) -> None:
+    # given a job enqueued twice with the same idempotency key
+    key = f"dup-{uuid.uuid4()}"
+    body = {"type": "testing.sleep_effect", "params": {"seconds": 0.5}, "idempotency_key": key}
+    first = client.post("/v1/jobs", json=body)
+    second = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    assert (first.status_code, second.status_code) == (202, 200)
+    job_id = first.json()["id"]
+    assert second.json()["id"] == job_id
+    # and its message delivered a second time (as a redelivery or a relay re-publish would)
+    app.send_task("testing.sleep_effect", kwargs={"params": {"seconds": 0.5}}, task_id=job_id)
+    # when the worker has processed both messages
+    wait_for_status(job_id, {"succeeded"})
+    time.sleep(4)  # the duplicate waits out the lease (3 s in tests) before it looks again
+    # then the job ran once: one start, one effect, one attempt
+    assert _starts(db, job_id) == 1
+    assert _effects(db, job_id) == 1
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+
+
+def test_sigkill_mid_job_redelivers_and_succeeds_once(
+    services: Services, client: httpx.Client, db: psycopg.Connection
+) -> None:
+    # given a dedicated worker running a 4-second job
+    proc = start_worker(services, "kill", concurrency=1)
+    try:
+        r = client.post("/v1/jobs", json={"type": "testing.sleep_effect",
+                                           "params": {"seconds": 4}})
+        job_id = r.json()["id"]
+        wait_for_status(job_id, {"running"}, timeout=20)
+        time.sleep(0.5)
+        # when the process executing it is SIGKILLed mid-job
+        row = db.execute("SELECT pid FROM test_starts WHERE job_id=%s", (job_id,)).fetchone()
+        assert row is not None
+        os.kill(row[0], signal.SIGKILL)
+        # then the job is delivered again and succeeds, with its effect applied once
+        done = wait_for_status(job_id, {"succeeded", "failed", "dead"}, timeout=60)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert _starts(db, job_id) == 2
+        assert _effects(db, job_id) == 1
+    finally:
+        proc.stop()
+
+
+def test_transient_errors_end_dead_and_operator_retry_brings_it_back(
+    client: httpx.Client, worker: Proc, tokens: dict[str, str], rds: redis.Redis,
+    db: psycopg.Connection,
+) -> None:
+    # given a job whose dependency is down on every attempt (budget: 3)
+    job_id = client.post("/v1/jobs", json={"type": "testing.flaky"}).json()["id"]
+    # when it has used its budget
+    dead = wait_for_status(job_id, {"dead", "succeeded", "failed"}, timeout=60)
+    # then it is dead, with the error and every attempt visible
+    assert dead["status"] == "dead"
+    assert dead["attempts"] == 3
+    assert dead["error_code"] == "transient:TransientError"
+    assert _starts(db, job_id) == 3
+    listed = client.get("/v1/jobs", params={"status": "dead", "type": "testing.flaky"}).json()
+    assert job_id in [j["id"] for j in listed["items"]]
+    # when the cause is fixed and an operator retries it
+    rds.set(f"testing:fixed:{job_id}", "1")
+    r = client.post(f"/v1/jobs/{job_id}/retry",
+                    headers={"Authorization": f"Bearer {tokens['admin']}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "queued"
+    # then it runs again and succeeds
+    done = wait_for_status(job_id, {"succeeded", "dead"}, timeout=30)
+    assert done["status"] == "succeeded"
+    assert done["manual_retries"] == 1
+    assert done["result"] == {"fixed": "yes"}
