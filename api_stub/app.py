@@ -152,7 +152,6 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
             return _unprocessable(_field_errors(exc, ("body", "params")))
         except IdempotencyConflict as exc:
             raise HTTPException(409, str(exc)) from exc
-        metrics.JOBS_SUBMITTED.labels(body.type, "created" if sub.created else "deduplicated").inc()
         if not sub.created:
             response.status_code = 200
         return JobOut.from_row(sub.job)

@@ -43,9 +43,17 @@ class BodyLimit:
                     raise _TooLarge()
             return message
 
+        async def guarded_send(message: dict[str, Any]) -> None:
+            # The framework may catch our exception and answer 400 itself; the client must
+            # see the 413 instead.
+            if not rejected:
+                await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
+            pass
+        if rejected:
             await self._reject(send)
 
     async def _reject(self, send: Any) -> None:

@@ -46,7 +46,7 @@ def up(no_demo: bool, concurrency: int) -> None:
 
 @cli.command()
 @click.option("--concurrency", "-c", default=2, show_default=True)
-@click.option("--name", "-n", default=None, help="node name (default warden@<host>)")
+@click.option("--name", "-n", default="warden@%h", show_default=True, help="node name")
 @click.option("--loglevel", "-l", default="INFO")
 @click.option("--pool", default="prefork", type=click.Choice(["prefork", "solo", "threads"]))
 def worker(concurrency: int, name: str | None, loglevel: str, pool: str) -> None:
@@ -86,14 +86,16 @@ def api(host: str | None, port: int | None) -> None:
 
 @cli.command()
 @click.option("--port", default=None, type=int, help="default WARDEN_FLOWER_PORT")
-def flower(port: int | None) -> None:
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="listen address (0.0.0.0 in a container)")
+def flower(port: int | None, address: str) -> None:
     """Flower, with basic auth (WARDEN_FLOWER_USER / WARDEN_FLOWER_PASSWORD)."""
     from cli.up import flower_credentials
     from workers.app import app
 
     settings = get_settings()
     user, password = flower_credentials(settings)
-    app.start(["flower", f"--port={port or settings.flower_port}", "--address=127.0.0.1",
+    app.start(["flower", f"--port={port or settings.flower_port}", f"--address={address}",
                f"--basic-auth={user}:{password}", "--persistent=False",
                "--purge_offline_workers=60"])
 
@@ -267,6 +269,7 @@ def seed(characters: int, violations: float, rng_seed: int) -> None:
 def main() -> None:
     """Entry point: turn the expected failures into one line and a non-zero exit."""
     import sqlalchemy.exc
+    from pydantic import ValidationError
 
     try:
         cli(standalone_mode=True)
@@ -274,8 +277,11 @@ def main() -> None:
         fail(str(exc))
     except sqlalchemy.exc.OperationalError as exc:
         fail(f"database unreachable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
-    except ValueError as exc:  # pydantic settings errors are ValueErrors
-        fail(str(exc).splitlines()[0])
+    except ValidationError as exc:  # a bad WARDEN_* setting
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        setting = f"WARDEN_{where.upper()}: " if where else ""
+        fail(f"invalid setting {setting}{first['msg']}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from workers.settings import Settings, get_settings
+from workers.settings import Settings, SettingsError, get_settings
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -32,6 +32,8 @@ def flower_credentials(settings: Settings) -> tuple[str, str]:
     """Configured credentials, or dev ones generated once into the data dir."""
     if settings.flower_password is not None:
         return settings.flower_user, settings.flower_password.get_secret_value()
+    if settings.env == "prod":
+        raise SettingsError("WARDEN_FLOWER_PASSWORD must be set in prod (Flower's API needs auth)")
     path = settings.data_dir / "flower-password"
     if path.exists():
         return settings.flower_user, path.read_text().strip()

@@ -57,6 +57,20 @@ class Services:
         return env
 
 
+@contextlib.contextmanager
+def fresh_database(services: Services) -> Iterator[str]:
+    """A migrated database of its own, for tests whose relay must not meet other tests' jobs."""
+    from workers.migrate import upgrade
+
+    url, admin = _fresh_database(services.database_url)
+    try:
+        upgrade(url=url)
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
 def _fresh_database(server_url: str) -> tuple[str, str]:
     """Create warden_test_<random> on the server; return (its URL, admin URL)."""
     parts = urlsplit(server_url.replace("postgresql+psycopg://", "postgresql://"))
@@ -172,11 +186,9 @@ class Proc:
 
 
 def start_worker(services: Services, name: str, *, concurrency: int = 2,
-                 env: dict[str, str] | None = None, redis_url: str | None = None) -> Proc:
+                 env: dict[str, str] | None = None) -> Proc:
     """A real Celery worker process; returns once it consumes."""
     extra = dict(env or {})
-    if redis_url:
-        extra["WARDEN_REDIS_URL"] = redis_url
     log = services.data_dir / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
     proc = Proc(["worker", "-c", str(concurrency), "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h"],
                 services.env(**extra), log)
@@ -191,10 +203,10 @@ def start_worker(services: Services, name: str, *, concurrency: int = 2,
     raise RuntimeError(f"worker not ready: {proc.tail()}")
 
 
-def start_api(services: Services, *, redis_url: str | None = None) -> tuple[Proc, str]:
+def start_api(services: Services, *, env: dict[str, str] | None = None) -> tuple[Proc, str]:
     """The real API (uvicorn, with the relay) on a free port; returns (proc, base URL)."""
     port = free_port()
-    extra = {"WARDEN_REDIS_URL": redis_url} if redis_url else {}
+    extra = dict(env or {})
     proc = Proc(["api", "--port", str(port)], services.env(**extra),
                 services.data_dir / f"api-{port}.log")
     try:

@@ -63,7 +63,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,  # a worker waits out a Redis outage
         "broker_connection_timeout": 2,
         "broker_heartbeat": 0,
-        # Soft shutdown: on SIGTERM give running tasks time to finish before requeueing.
+        # SIGTERM is a warm shutdown (running jobs finish). SIGQUIT, or SIGTERM with
+        # REMAP_SIGTERM=SIGQUIT, is a cold shutdown that first gives jobs 10 s (soft shutdown);
+        # an unfinished job's message stays unacked and is delivered again.
         "worker_soft_shutdown_timeout": 10.0,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
@@ -83,6 +85,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redbeat_redis_url": redis_url,
         "redbeat_key_prefix": "warden:redbeat:",
         "redbeat_lock_timeout": 60,
+        "redbeat_redis_options": {"socket_connect_timeout": 2, "socket_timeout": 10,
+                                  "retry_on_timeout": True, "health_check_interval": 10},
         "beat_max_loop_interval": 5,
     }
 

@@ -55,6 +55,9 @@ class WardenScheduler(RedBeatScheduler):  # type: ignore[misc]
         spec = next((e for e in SCHEDULE if e.name == entry.name), None)
         if spec is None:  # an entry added by hand in Redis: fire it the plain way
             return super().apply_async(entry, producer, advance, **_)
+        # Advance RedBeat's last-run first (as Celery's own apply_async does), or the entry
+        # would stay due and fire on every tick.
+        entry = self.reserve(entry) if advance else entry
         key = slot_key(spec)
         try:
             sub = submit(spec.task, spec.params, idempotency_key=key, expires=spec.expires,

@@ -24,6 +24,7 @@ from sqlalchemy.engine import RowMapping
 from workers import jobstore, leases
 from workers.app import app, registered_job_tasks
 from workers.db import session_scope
+from workers.metrics import JOBS_SUBMITTED
 from workers.settings import get_settings
 
 log = structlog.get_logger("warden.enqueue")
@@ -110,7 +111,9 @@ def submit(
                     f"idempotency key {idempotency_key!r} was used for another job "
                     f"({existing['type']} {existing['id']})"
                 )
+            JOBS_SUBMITTED.labels(job_type, "deduplicated").inc()
             return Submitted(existing, created=False, published=True)
+    JOBS_SUBMITTED.labels(job_type, "created").inc()
     published = publish(row["id"], job_type, clean, not_before)
     return Submitted(row, created=True, published=published)
 

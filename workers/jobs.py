@@ -19,7 +19,7 @@ import redis
 import sqlalchemy.exc
 import structlog
 from celery import Task
-from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
@@ -90,6 +90,17 @@ class JobTask(Task):  # type: ignore[misc]
         if self.request.called_directly or self.request.id is None:
             return self.run(self.parse_params(raw))
         return self._run_job(raw)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        """A hard time limit kills the child before it can record anything; Celery calls this
+        in the worker's main process, so the job is marked failed instead of staying running."""
+        if isinstance(exc, TimeLimitExceeded):
+            try:
+                jobstore.fail(task_id, "failed", "time_limit",
+                              f"hard time limit exceeded ({exc})", only_if_running=True)
+            except Exception:
+                log.exception("job.time_limit_not_recorded", job_id=task_id)
 
     # -- the job core ---------------------------------------------------------------------
 

@@ -119,28 +119,19 @@ def succeed(job_id: str, result: Any) -> None:
 
 
 def fail(job_id: str, status: str, code: str, message: str,
-         next_attempt_at: datetime | None = None) -> None:
+         next_attempt_at: datetime | None = None, *, only_if_running: bool = False) -> None:
     """Record an error outcome: failed/dead (final) or retrying (with its next attempt time)."""
+    guard = " AND status='running'" if only_if_running else ""
     with session_scope() as s:
         s.execute(
             text(
                 "UPDATE job_runs SET status=CAST(:st AS varchar), error_code=:c, error_message=:m, "
                 "next_attempt_at=:n, "
                 "finished_at=CASE WHEN CAST(:st AS varchar)='retrying' THEN NULL ELSE now() END "
-                "WHERE id=:id"
+                "WHERE id=:id" + guard
             ),
             {"id": _uuid(job_id), "st": status, "c": code[:100], "m": message[:4000],
              "n": next_attempt_at},
-        )
-
-
-def requeue(job_id: str) -> None:
-    """Put a running job back to queued without spending an attempt (lost a race, shutdown)."""
-    with session_scope() as s:
-        s.execute(
-            text("UPDATE job_runs SET status='queued', attempts=GREATEST(attempts-1, 0) "
-                 "WHERE id=:id AND status='running'"),
-            {"id": _uuid(job_id)},
         )
 
 
@@ -169,8 +160,8 @@ def operator_retry(job_id: str | uuid.UUID) -> RowMapping:
     with session_scope() as s:
         row = s.execute(
             text("UPDATE job_runs SET status='queued', attempts=0, published_at=NULL, "
-                 "next_attempt_at=NULL, finished_at=NULL, manual_retries=manual_retries+1 "
-                 "WHERE id=:id AND status IN ('failed','dead') "
+                 "next_attempt_at=NULL, finished_at=NULL, expires_at=NULL, "
+                 "manual_retries=manual_retries+1 WHERE id=:id AND status IN ('failed','dead') "
                  f"RETURNING {JOB_COLUMNS}"),
             {"id": jid},
         ).mappings().first()

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from workers.db import session_scope
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY = CollectorRegistry()
 
 API_REQUESTS = Counter(
     "warden_api_requests_total", "HTTP requests by route and status",

@@ -67,9 +67,8 @@ class Settings(BaseSettings):
         if self.visibility_timeout is not None and self.visibility_timeout <= self.task_time_limit:
             raise ValueError("WARDEN_VISIBILITY_TIMEOUT must exceed WARDEN_TASK_TIME_LIMIT")
         if self.env == "prod":
-            pw = self.flower_password.get_secret_value() if self.flower_password else ""
-            if pw.lower() in PLACEHOLDER_SECRETS:
-                raise ValueError("WARDEN_FLOWER_PASSWORD is unset or a placeholder; refused in prod")
+            if self.flower_password is not None and is_placeholder(self.flower_password):
+                raise ValueError("WARDEN_FLOWER_PASSWORD is a placeholder; refused in prod")
             if self.database_url is None or self.redis_url is None:
                 raise ValueError("prod needs WARDEN_DATABASE_URL and WARDEN_REDIS_URL")
         return self
@@ -108,6 +107,12 @@ class Settings(BaseSettings):
                 "no Redis: set WARDEN_REDIS_URL or start the embedded one with `warden up`"
             )
         return url
+
+
+def is_placeholder(secret: SecretStr) -> bool:
+    """A value from the examples, or too short to be a real secret."""
+    value = secret.get_secret_value()
+    return value.lower() in PLACEHOLDER_SECRETS or len(value) < 12
 
 
 def normalize_db_url(url: str) -> str:

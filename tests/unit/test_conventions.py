@@ -1,0 +1,45 @@
+"""Convention tests: the rules of ARCHITECTURE.md, kept true by the build."""
+
+from __future__ import annotations
+
+import re
+
+from celery.schedules import crontab
+
+from schedules import SCHEDULE
+from workers.app import registered_job_tasks
+from workers.beat import beat_schedule
+
+NAME = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
+
+
+def test_every_task_has_family_name_params_and_idempotency_line() -> None:
+    tasks = registered_job_tasks()
+    assert "platform.ping" in tasks
+    for name, task in tasks.items():
+        assert NAME.match(name), f"{name}: task names are <family>.<verb_object>"
+        assert task.params is not None, f"{name} has no params model"
+        doc = task.run.__doc__ or ""
+        assert "Idempotency:" in doc, f"{name}: docstring needs an 'Idempotency:' line"
+
+
+def test_no_plain_celery_task_outside_the_job_core() -> None:
+    from workers.app import app
+
+    plain = [n for n, t in registered_job_tasks().items() if t.params is None]
+    assert plain == []
+    user = [n for n in app.tasks if not n.startswith("celery.")]
+    assert set(user) <= set(registered_job_tasks()), "every task must be a JobTask with params"
+
+
+def test_every_beat_entry_names_a_registered_task_and_expires() -> None:
+    tasks = registered_job_tasks()
+    assert SCHEDULE, "the schedule is empty"
+    for entry in SCHEDULE:
+        assert entry.task in tasks, f"{entry.name} names unknown task {entry.task}"
+        assert entry.expires > 0, f"{entry.name} has no expires"
+        assert entry.slot_format, f"{entry.name} has no slot format"
+        tasks[entry.task].params.model_validate(entry.params)  # its params are valid
+    for name, spec in beat_schedule().items():
+        assert isinstance(spec["schedule"], crontab), name
+        assert spec["options"]["expires"] > 0
