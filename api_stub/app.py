@@ -127,7 +127,8 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=202, response_model=JobOut,
               dependencies=[Depends(require("enqueue"))],
-              responses={200: {"model": JobOut, "description": "same idempotency key: the first job"},
+              responses={200: {"model": JobOut,
+                               "description": "same idempotency key: the first job"},
                          409: {}, 413: {}, 422: {}})
     def enqueue(
         body: JobIn,
@@ -174,7 +175,8 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         cursor: Annotated[str | None, Query(max_length=200)] = None,
     ) -> Any:
         """Newest first; pass next_cursor back to get the next page."""
-        where, args = ["true"], {"limit": limit + 1}
+        where: list[str] = ["true"]
+        args: dict[str, Any] = {"limit": limit + 1}
         if status:
             where.append("status = :status")
             args["status"] = status

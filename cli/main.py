@@ -199,7 +199,8 @@ def jobs(status: str | None, job_type: str | None, limit: int) -> None:
 
     from workers.db import session_scope
 
-    where, args = ["true"], {"limit": limit}
+    where: list[str] = ["true"]
+    args: dict[str, Any] = {"limit": limit}
     if status:
         where.append("status=:status")
         args["status"] = status

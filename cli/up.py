@@ -61,7 +61,7 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
         [sys.executable, "-m", "cli.main", *args],
         env=env,
         stdin=subprocess.DEVNULL,
-        stdout=open(log_path, "ab"),  # noqa: SIM115 - owned by the child
+        stdout=open(log_path, "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -71,10 +71,8 @@ def _stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # Whatever is left of its group (prefork children, a hung process) goes now.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -84,7 +82,8 @@ def _stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 def run_up(*, demo: bool, concurrency: int) -> int:
     """Start everything and supervise until Ctrl-C or a child dies; returns the exit code."""
-    from workers import embedded, logging as wlogging
+    from workers import embedded
+    from workers import logging as wlogging
     from workers.db import reset_engine
     from workers.migrate import upgrade
 
@@ -149,7 +148,8 @@ def run_up(*, demo: bool, concurrency: int) -> int:
         click.echo(
             "\nWarden is up.\n"
             f"  API        {api_url}   (docs {api_url}/docs)\n"
-            f"  Flower     http://127.0.0.1:{settings.flower_port}   user {fuser}  password {fpass}\n"
+            f"  Flower     http://127.0.0.1:{settings.flower_port}   "
+            f"user {fuser}  password {fpass}\n"
             f"  Admin token (also in {data_dir / 'admin-token'}):\n    {token}\n"
             f"  Logs       {logs}/\n"
             "  Try:\n"

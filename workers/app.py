@@ -12,7 +12,8 @@ from typing import Any
 
 from celery import Celery, signals
 
-from workers import db, logging as wlogging
+from workers import db
+from workers import logging as wlogging
 from workers.settings import Settings, SettingsError, get_settings
 
 QUEUE = "warden"

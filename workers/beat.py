@@ -41,7 +41,7 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
     }
 
 
-class WardenScheduler(RedBeatScheduler):  # type: ignore[misc]
+class WardenScheduler(RedBeatScheduler):
     """Fires entries through workers.enqueue.submit."""
 
     def setup_schedule(self) -> None:

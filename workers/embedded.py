@@ -118,10 +118,13 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/warden"
 
-    def _popen_kwargs(self) -> dict[str, object]:
-        if self._run_as is None:
-            return {}
-        return {"user": self._run_as.pw_uid, "group": self._run_as.pw_gid, "extra_groups": []}
+    @property
+    def _uid(self) -> int | None:
+        return self._run_as.pw_uid if self._run_as else None
+
+    @property
+    def _gid(self) -> int | None:
+        return self._run_as.pw_gid if self._run_as else None
 
     def _initdb(self) -> None:
         self.pgdata.mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,8 @@ class EmbeddedPostgres:
              "--auth=trust", "--encoding=UTF8", "--no-instructions"],
             capture_output=True,
             cwd="/",
-            **self._popen_kwargs(),  # type: ignore[arg-type]
+            user=self._uid,
+            group=self._gid,
         )
         if result.returncode != 0:
             raise EmbeddedError(f"initdb failed: {result.stderr.decode(errors='replace')[-800:]}")
@@ -180,7 +184,8 @@ class EmbeddedPostgres:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C goes to `warden up`, which stops us in order
             cwd="/",
-            **self._popen_kwargs(),  # type: ignore[arg-type]
+            user=self._uid,
+            group=self._gid,
         )
         logf.close()
         try:
@@ -201,8 +206,8 @@ class EmbeddedPostgres:
                 with psycopg.connect(
                     f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
                 ) as conn:
-                    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname='warden'").fetchone()
-                    if not exists:
+                    query = "SELECT 1 FROM pg_database WHERE datname='warden'"
+                    if not conn.execute(query).fetchone():
                         conn.execute("CREATE DATABASE warden")
                     return
             except psycopg.OperationalError as exc:  # still starting up

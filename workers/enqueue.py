@@ -95,7 +95,8 @@ def submit(
         row = s.execute(
             text(
                 "INSERT INTO job_runs (id, type, params, idempotency_key, max_attempts, source, "
-                "not_before, expires_at) VALUES (:id, :t, CAST(:p AS jsonb), :k, :m, :src, :nb, :ex) "
+                "not_before, expires_at) "
+                "VALUES (:id, :t, CAST(:p AS jsonb), :k, :m, :src, :nb, :ex) "
                 f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {jobstore.JOB_COLUMNS}"
             ),
             {"id": uuid.uuid4(), "t": job_type, "p": json.dumps(clean), "k": idempotency_key,

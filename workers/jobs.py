@@ -48,7 +48,7 @@ def backoff(attempt: int, base: float | None = None, cap: float | None = None) -
     base = settings.retry_backoff_base if base is None else base
     cap = settings.retry_backoff_max if cap is None else cap
     delay = min(cap, base * (2 ** max(0, attempt - 1)))
-    return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not crypto
+    return delay / 2 + random.uniform(0, delay / 2)
 
 
 def job_lease_key(job_id: str) -> str:
@@ -59,7 +59,7 @@ def singleton_lease_key(job_type: str) -> str:
     return f"warden:lease:singleton:{job_type}"
 
 
-class JobTask(Task):  # type: ignore[misc]
+class JobTask(Task):
     """Base class of Warden tasks. Set `params` (a pydantic model) in the task decorator;
     `singleton=True` allows one running job of the type at a time."""
 

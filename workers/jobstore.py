@@ -19,8 +19,8 @@ from workers.db import session_scope
 
 JOB_COLUMNS = (
     "id, type, params, idempotency_key, status, attempts, max_attempts, source, created_at, "
-    "updated_at, not_before, expires_at, published_at, started_at, finished_at, next_attempt_at, result, "
-    "error_code, error_message, worker, manual_retries"
+    "updated_at, not_before, expires_at, published_at, started_at, finished_at, "
+    "next_attempt_at, result, error_code, error_message, worker, manual_retries"
 )
 
 

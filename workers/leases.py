@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 
@@ -125,7 +126,7 @@ def acquire(key: str, ttl: float | None = None, *, renew: bool = True) -> Lease 
     token = _new_token()
     client = get_redis()
     if not client.set(key, token, nx=True, px=ttl_ms):
-        current = client.get(key)
+        current = cast(str | None, client.get(key))
         if current is None:
             if not client.set(key, token, nx=True, px=ttl_ms):
                 return None

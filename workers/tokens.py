@@ -16,7 +16,7 @@ from sqlalchemy import text
 from workers.db import session_scope
 from workers.models import SCOPES
 
-TOKEN_PREFIX = "wdn_"
+TOKEN_PREFIX = "wdn_"  # noqa: S105 - a prefix that makes leaked tokens greppable
 
 
 class TokenError(ValueError):

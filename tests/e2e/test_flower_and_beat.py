@@ -45,10 +45,9 @@ def test_flower_shows_the_job_and_requires_auth(
 
 
 def test_a_double_fired_beat_slot_runs_once(services: Services, worker: Proc) -> None:
+    from schedules import SCHEDULE
     from workers.app import app
     from workers.beat import WardenScheduler, slot_key
-
-    from schedules import SCHEDULE
 
     # given the scheduler and an entry; when the same slot fires twice (two beats, a restart)
     scheduler = WardenScheduler(app=app, lazy=True)

@@ -53,12 +53,11 @@ def test_updated_at_is_bumped_on_every_update(db: psycopg.Connection) -> None:
 
 
 def test_migrations_downgrade_and_upgrade_cleanly(services: object) -> None:
-    from workers.migrate import downgrade, upgrade
-
     # given a fresh database at head; when downgraded to base and upgraded again; no error
     import psycopg as pg
 
     from tests.conftest import _fresh_database
+    from workers.migrate import downgrade, upgrade
 
     url = services.database_url  # type: ignore[attr-defined]
     fresh, admin = _fresh_database(url)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from cli.up import flower_credentials
 from domain import rules
 from workers.jobs import backoff
-from cli.up import flower_credentials
 from workers.settings import Settings, SettingsError
 
 
