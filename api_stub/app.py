@@ -175,28 +175,16 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         cursor: Annotated[str | None, Query(max_length=200)] = None,
     ) -> Any:
         """Newest first; pass next_cursor back to get the next page."""
-        where: list[str] = ["true"]
-        args: dict[str, Any] = {"limit": limit + 1}
-        if status:
-            where.append("status = :status")
-            args["status"] = status
-        if type:
-            where.append("type = :type")
-            args["type"] = type
+        before = None
         if cursor:
             try:
                 ts, cid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-                args["cts"], args["cid"] = datetime.fromisoformat(ts), uuid.UUID(cid)
+                before = (datetime.fromisoformat(ts), uuid.UUID(cid))
             except (ValueError, TypeError):
                 return _unprocessable([{"loc": ["query", "cursor"], "msg": "invalid cursor",
                                         "type": "value_error"}])
-            where.append("(created_at, id) < (:cts, :cid)")
-        with session_scope() as s:
-            rows = s.execute(
-                text(f"SELECT {jobstore.JOB_COLUMNS} FROM job_runs WHERE {' AND '.join(where)} "
-                     "ORDER BY created_at DESC, id DESC LIMIT :limit"),
-                args,
-            ).mappings().all()
+        # One row more than asked tells whether there is a next page.
+        rows = jobstore.list_jobs(status=status, job_type=type, limit=limit + 1, before=before)
         items = [JobOut.from_row(r) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:

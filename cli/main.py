@@ -32,6 +32,11 @@ def parse_param(raw: str) -> tuple[str, Any]:
 @click.group()
 def cli() -> None:
     """Warden: the task-queue worker platform of the character service."""
+    from workers import logging as wlogging
+
+    # Operator commands print results on stdout; logs go to stderr, warnings only. The
+    # long-running processes (api, worker, beat, up) raise this to WARDEN_LOG_LEVEL.
+    wlogging.configure("WARNING")
 
 
 @cli.command()
@@ -195,26 +200,11 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
 @click.option("--limit", default=20, show_default=True)
 def jobs(status: str | None, job_type: str | None, limit: int) -> None:
     """The newest jobs, one line each."""
-    from sqlalchemy import text
+    from workers import jobstore
 
-    from workers.db import session_scope
-
-    where: list[str] = ["true"]
-    args: dict[str, Any] = {"limit": limit}
-    if status:
-        where.append("status=:status")
-        args["status"] = status
-    if job_type:
-        where.append("type=:type")
-        args["type"] = job_type
-    with session_scope() as s:
-        rows = s.execute(
-            text("SELECT id, type, status, attempts, created_at, error_code FROM job_runs "
-                 f"WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT :limit"), args
-        ).all()
-    for r in rows:
-        click.echo(f"{r.id}  {r.status:<9}  {r.type:<28} attempts={r.attempts}  "
-                   f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.error_code or ''}".rstrip())
+    for r in jobstore.list_jobs(status=status, job_type=job_type, limit=limit):
+        click.echo(f"{r['id']}  {r['status']:<9}  {r['type']:<28} attempts={r['attempts']}  "
+                   f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {r['error_code'] or ''}".rstrip())
 
 
 @cli.command()

@@ -116,6 +116,8 @@ def submit(
             return Submitted(existing, created=False, published=True)
     JOBS_SUBMITTED.labels(job_type, "created").inc()
     published = publish(row["id"], job_type, clean, not_before)
+    log.info("job.accepted", job_id=str(row["id"]), job_type=job_type,
+             idempotency_key=idempotency_key, source=source, published=published)
     return Submitted(row, created=True, published=published)
 
 

@@ -110,7 +110,7 @@ class JobTask(Task):
         try:
             return self._run_leased(job_id, raw)
         finally:
-            structlog.contextvars.unbind_contextvars("job_id", "job_type")
+            structlog.contextvars.unbind_contextvars("job_id", "job_type", "idempotency_key")
 
     def _retry_delivery(self, countdown: float, exc: BaseException | None = None) -> Retry:
         """Re-send this delivery later without spending an attempt (Celery's cap is off:
@@ -139,6 +139,8 @@ class JobTask(Task):
                                        self.max_attempts or settings.max_attempts)
             except TRANSIENT_EXCEPTIONS as exc:
                 raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
+            if claim.idempotency_key:
+                structlog.contextvars.bind_contextvars(idempotency_key=claim.idempotency_key)
             if claim.action == "done":
                 log.info("job.duplicate_delivery_skipped")
                 return claim.result

@@ -33,6 +33,7 @@ class Claim:
     max_attempts: int = 0
     result: dict[str, Any] | None = None
     status: str | None = None
+    idempotency_key: str | None = None
 
 
 def _uuid(job_id: str | uuid.UUID) -> uuid.UUID:
@@ -60,7 +61,8 @@ def claim(
                 "worker=:w, next_attempt_at=NULL, published_at=COALESCE(published_at, now()) "
                 "WHERE id=:id AND status IN ('queued','retrying','running') "
                 "AND attempts < max_attempts "
-                "RETURNING attempts, max_attempts, COALESCE(expires_at < now(), false) AS expired"
+                "RETURNING attempts, max_attempts, idempotency_key, "
+                "COALESCE(expires_at < now(), false) AS expired"
             ),
             {"id": jid, "w": worker},
         ).first()
@@ -73,7 +75,8 @@ def claim(
                     {"id": jid},
                 )
                 return Claim("final", row.attempts - 1, row.max_attempts, None, "cancelled")
-            return Claim("run", row.attempts, row.max_attempts)
+            return Claim("run", row.attempts, row.max_attempts,
+                         idempotency_key=row.idempotency_key)
         cur = s.execute(
             text("SELECT status, attempts, max_attempts, result FROM job_runs WHERE id=:id"),
             {"id": jid},
@@ -133,6 +136,33 @@ def fail(job_id: str, status: str, code: str, message: str,
             {"id": _uuid(job_id), "st": status, "c": code[:100], "m": message[:4000],
              "n": next_attempt_at},
         )
+
+
+def list_jobs(
+    *,
+    status: str | None = None,
+    job_type: str | None = None,
+    limit: int = 50,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> list[RowMapping]:
+    """Newest first, filtered; `before` is the (created_at, id) of the last row already seen."""
+    where: list[str] = ["true"]
+    args: dict[str, Any] = {"limit": limit}
+    if status:
+        where.append("status = :status")
+        args["status"] = status
+    if job_type:
+        where.append("type = :type")
+        args["type"] = job_type
+    if before is not None:
+        where.append("(created_at, id) < (:cts, :cid)")
+        args["cts"], args["cid"] = before
+    with session_scope() as s:
+        return list(s.execute(
+            text(f"SELECT {JOB_COLUMNS} FROM job_runs WHERE {' AND '.join(where)} "
+                 "ORDER BY created_at DESC, id DESC LIMIT :limit"),
+            args,
+        ).mappings().all())
 
 
 def get(job_id: str | uuid.UUID) -> RowMapping | None:

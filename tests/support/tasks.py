@@ -54,6 +54,18 @@ def sleep_effect(self: JobTask, params: SleepParams) -> dict[str, int]:
     return {"pid": os.getpid()}
 
 
+@app.task(name="testing.singleton_sleep", base=JobTask, params=SleepParams, bind=True,
+          singleton=True)
+def singleton_sleep(self: JobTask, params: SleepParams) -> dict[str, float]:
+    """Sleep while holding the type's singleton lease; returns when it ran.
+
+    Idempotency: no effect besides its result.
+    """
+    started = time.time()
+    time.sleep(params.seconds)
+    return {"started": started, "ended": time.time()}
+
+
 @app.task(name="testing.flaky", base=JobTask, params=FlakyParams, bind=True, max_attempts=3)
 def flaky(self: JobTask, params: FlakyParams) -> dict[str, str]:
     """Raise a transient error until the Redis key testing:fixed:<job id> exists.
