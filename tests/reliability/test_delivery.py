@@ -104,3 +104,31 @@ def test_transient_errors_end_dead_and_operator_retry_brings_it_back(
     assert done["status"] == "succeeded"
     assert done["manual_retries"] == 1
     assert done["result"] == {"fixed": "yes"}
+
+
+def test_whole_worker_killed_job_comes_back_after_visibility_timeout(
+    services: Services, client: httpx.Client, db: psycopg.Connection
+) -> None:
+    # given a worker whose Redis visibility timeout is 12 s (hard limit 10 s), running a job
+    env = {"WARDEN_TASK_TIME_LIMIT": "10", "WARDEN_TASK_SOFT_TIME_LIMIT": "8",
+           "WARDEN_VISIBILITY_TIMEOUT": "12"}
+    proc = start_worker(services, "node", concurrency=1, env=env)
+    replacement: Proc | None = None
+    try:
+        job_id = client.post("/v1/jobs", json={"type": "testing.sleep_effect",
+                                               "params": {"seconds": 4}}).json()["id"]
+        wait_for_status(job_id, {"running"}, timeout=20)
+        # when the whole worker (main process and pool) is SIGKILLed, as when a node dies
+        os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(13)  # past the visibility timeout: the unacked message may be restored
+        replacement = start_worker(services, "node-again", concurrency=1, env=env)
+        # then the message is restored, the orphaned run is reclaimed, the effect applied once
+        done = wait_for_status(job_id, {"succeeded", "failed", "dead"}, timeout=60)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert _starts(db, job_id) == 2
+        assert _effects(db, job_id) == 1
+    finally:
+        proc.stop()
+        if replacement is not None:
+            replacement.stop()
