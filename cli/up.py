@@ -7,6 +7,7 @@ in order (producers first, servers last) and kills any straggler's whole process
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -89,6 +90,7 @@ def run_up(*, demo: bool, concurrency: int) -> int:
 
     settings = get_settings()
     wlogging.configure(settings.log_level, json=False)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line says it, below
     data_dir = settings.data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,8 @@ def run_up(*, demo: bool, concurrency: int) -> int:
                                "stopping everything", err=True)
                     return 1
             time.sleep(0.3)
-        click.echo("\nstopping ...")
+        with contextlib.suppress(OSError):
+            click.echo("\nstopping ...")
         return 0
     except Exception as exc:
         click.echo(f"error: {exc}", err=True)
@@ -179,4 +182,5 @@ def run_up(*, demo: bool, concurrency: int) -> int:
             pg.stop()
         if pg is not None or rd is not None:
             embedded.clear_state(data_dir)
-        click.echo("stopped.")
+        with contextlib.suppress(OSError):  # the terminal or a pipe may be gone by now
+            click.echo("stopped.")
