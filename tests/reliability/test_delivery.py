@@ -30,6 +30,14 @@ def _effects(db: psycopg.Connection, job_id: str) -> int:
     return int(row[0])
 
 
+def _assert_second_run_succeeded_effect_once(db: psycopg.Connection, job_id: str) -> None:
+    done = wait_for_status(job_id, {"succeeded", "failed", "dead"}, timeout=60)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2  # the killed run spent one attempt
+    assert _starts(db, job_id) == 2  # it really ran twice
+    assert _effects(db, job_id) == 1  # and its effect happened once
+
+
 def test_duplicate_key_and_duplicate_message_run_once(
     client: httpx.Client, worker: Proc, db: psycopg.Connection
 ) -> None:
@@ -69,11 +77,7 @@ def test_sigkill_mid_job_redelivers_and_succeeds_once(
         assert row is not None
         os.kill(row[0], signal.SIGKILL)
         # then the job is delivered again and succeeds, with its effect applied once
-        done = wait_for_status(job_id, {"succeeded", "failed", "dead"}, timeout=60)
-        assert done["status"] == "succeeded", done
-        assert done["attempts"] == 2
-        assert _starts(db, job_id) == 2
-        assert _effects(db, job_id) == 1
+        _assert_second_run_succeeded_effect_once(db, job_id)
     finally:
         proc.stop()
 
@@ -123,11 +127,7 @@ def test_whole_worker_killed_job_comes_back_after_visibility_timeout(
         time.sleep(13)  # past the visibility timeout: the unacked message may be restored
         replacement = start_worker(services, "node-again", concurrency=1, env=env)
         # then the message is restored, the orphaned run is reclaimed, the effect applied once
-        done = wait_for_status(job_id, {"succeeded", "failed", "dead"}, timeout=60)
-        assert done["status"] == "succeeded", done
-        assert done["attempts"] == 2
-        assert _starts(db, job_id) == 2
-        assert _effects(db, job_id) == 1
+        _assert_second_run_succeeded_effect_once(db, job_id)
     finally:
         proc.stop()
         if replacement is not None:
