@@ -30,7 +30,16 @@ from api_stub.middleware import BodyLimit
 from api_stub.schemas import KEY_PATTERN, JobIn, JobOut, JobPage, JobTypeOut
 from workers import jobstore, metrics
 from workers.db import session_scope
-from workers.enqueue import IdempotencyConflict, Relay, UnknownJobType, job_types, publish, submit
+from workers.enqueue import (
+    IdempotencyConflict,
+    Relay,
+    UnknownJobType,
+    UnstorableParams,
+    job_types,
+    publish,
+    submit,
+)
+from workers.jobs import describe
 from workers.models import JOB_STATUSES
 from workers.redis_client import get_redis
 from workers.settings import get_settings
@@ -101,11 +110,21 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         ]
         return _unprocessable(detail)
 
-    @app.exception_handler(sqlalchemy.exc.OperationalError)
     async def _db_down(_: Request, exc: Exception) -> JSONResponse:
-        log.error("api.database_unavailable", error=str(exc).splitlines()[0])
+        log.error("api.database_unavailable", error=describe(exc))
         return JSONResponse(status_code=503, content={"detail": "database unavailable"},
                             headers={"Retry-After": "5"})
+
+    # Connection lost, pool exhausted under load: the client should come back, not see a 500.
+    for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                        sqlalchemy.exc.TimeoutError):
+        app.add_exception_handler(unavailable, _db_down)
+
+    @app.exception_handler(sqlalchemy.exc.DataError)
+    async def _unstorable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("api.unstorable_value", error=describe(exc))
+        return _unprocessable([{"loc": ["body"], "type": "value_error",
+                                "msg": "a value cannot be stored: " + describe(exc)}])
 
     # -- metrics middleware ------------------------------------------------------------------
 
@@ -151,6 +170,9 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
                                     "type": "unknown_job_type", "known_types": exc.known}])
         except ValidationError as exc:
             return _unprocessable(_field_errors(exc, ("body", "params")))
+        except UnstorableParams as exc:
+            return _unprocessable([{"loc": ["body", "params"], "msg": str(exc),
+                                    "type": "value_error"}])
         except IdempotencyConflict as exc:
             raise HTTPException(409, str(exc)) from exc
         if not sub.created:
@@ -180,7 +202,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
             try:
                 ts, cid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
                 before = (datetime.fromisoformat(ts), uuid.UUID(cid))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, AttributeError):
                 return _unprocessable([{"loc": ["query", "cursor"], "msg": "invalid cursor",
                                         "type": "value_error"}])
         # One row more than asked tells whether there is a next page.

@@ -168,7 +168,7 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
     from pydantic import ValidationError
 
     from workers import jobstore
-    from workers.enqueue import IdempotencyConflict, UnknownJobType, submit
+    from workers.enqueue import IdempotencyConflict, UnknownJobType, UnstorableParams, submit
 
     values = dict(parse_param(p) for p in params)
     try:
@@ -178,7 +178,7 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
     except ValidationError as exc:
         first = exc.errors()[0]
         fail(f"param {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", 2)
-    except IdempotencyConflict as exc:
+    except (IdempotencyConflict, UnstorableParams) as exc:
         fail(str(exc), 2)
     job_id = sub.job["id"]
     if not wait:

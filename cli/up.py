@@ -118,7 +118,9 @@ def run_up(*, demo: bool, concurrency: int) -> int:
             env["WARDEN_REDIS_URL"] = rd.start()
         db_url = env.get("WARDEN_DATABASE_URL") or settings.database_dsn()
         redis_url = env.get("WARDEN_REDIS_URL") or settings.redis_dsn()
-        embedded.write_state(data_dir, db_url, redis_url)
+        if pg is not None or rd is not None:
+            # Only the embedded servers' URLs (no password in them) for other shells' commands.
+            embedded.write_state(data_dir, pg.url if pg else "", rd.url if rd else "")
         get_settings.cache_clear()
         os.environ["WARDEN_DATABASE_URL"], os.environ["WARDEN_REDIS_URL"] = db_url, redis_url
         settings = get_settings()
@@ -141,7 +143,12 @@ def run_up(*, demo: bool, concurrency: int) -> int:
             ("beat", ["beat"]),
             ("flower", ["flower"]),
         ):
-            children.append((name, _spawn(args, env, logs / f"{name}.log")))
+            child_env = dict(env)
+            if name == "worker":
+                # Ctrl-C stops the worker cold after a 10 s soft shutdown: running jobs go
+                # back to the queue now, not after the visibility timeout.
+                child_env["REMAP_SIGTERM"] = "SIGQUIT"
+            children.append((name, _spawn(args, child_env, logs / f"{name}.log")))
 
         from workers.embedded import wait_for_port
 

@@ -55,16 +55,18 @@ class WardenScheduler(RedBeatScheduler):
         spec = next((e for e in SCHEDULE if e.name == entry.name), None)
         if spec is None:  # an entry added by hand in Redis: fire it the plain way
             return super().apply_async(entry, producer, advance, **_)
-        # Advance RedBeat's last-run first (as Celery's own apply_async does), or the entry
-        # would stay due and fire on every tick.
-        entry = self.reserve(entry) if advance else entry
         key = slot_key(spec)
         try:
             sub = submit(spec.task, spec.params, idempotency_key=key, expires=spec.expires,
                          source="beat")
         except Exception as exc:
+            # Not advanced: the entry stays due and fires again next tick, same slot key.
             log.error("beat.submit_failed", entry=entry.name, key=key, error=str(exc))
             raise
+        # Advance RedBeat's last-run (as Celery's own apply_async does before sending), or the
+        # entry would stay due and fire on every tick.
+        if advance:
+            self.reserve(entry)
         log.info("beat.fired", entry=entry.name, idempotency_key=key, job_id=str(sub.job["id"]),
                  created=sub.created)
         return sub

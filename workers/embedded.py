@@ -278,7 +278,9 @@ def _stop_process(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float
 def write_state(data_dir: Path, database_url: str, redis_url: str) -> None:
     """Record the embedded URLs so other `warden` commands in other shells find them."""
     path = data_dir / "services.json"
-    path.write_text(json.dumps({"database_url": database_url, "redis_url": redis_url}))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"database_url": database_url, "redis_url": redis_url}))
 
 
 def read_ports(data_dir: Path) -> tuple[int | None, int | None]:

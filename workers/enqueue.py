@@ -24,6 +24,7 @@ from sqlalchemy.engine import RowMapping
 from workers import jobstore, leases
 from workers.app import app, registered_job_tasks
 from workers.db import session_scope
+from workers.jobs import job_lease_key
 from workers.metrics import JOBS_SUBMITTED
 from workers.settings import get_settings
 
@@ -40,6 +41,10 @@ class UnknownJobType(LookupError):
         super().__init__(f"unknown job type {name!r}; known types: {', '.join(known)}")
         self.name = name
         self.known = known
+
+
+class UnstorableParams(ValueError):
+    """Params valid for the model but not storable as JSON in Postgres (NaN, NUL)."""
 
 
 class IdempotencyConflict(ValueError):
@@ -86,6 +91,12 @@ def submit(
     """Validate, insert the job (or find the one with this key), commit, then publish."""
     model = validate(job_type, params)
     clean = model.model_dump(mode="json")
+    try:
+        encoded = json.dumps(clean, allow_nan=False)
+    except ValueError as exc:
+        raise UnstorableParams("params may not contain NaN or Infinity") from exc
+    if "\\u0000" in encoded:
+        raise UnstorableParams("params may not contain NUL characters (\\u0000)")
     task = job_types()[job_type]
     max_attempts = task.max_attempts or get_settings().max_attempts
     now = datetime.now(UTC)
@@ -99,7 +110,7 @@ def submit(
                 "VALUES (:id, :t, CAST(:p AS jsonb), :k, :m, :src, :nb, :ex) "
                 f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {jobstore.JOB_COLUMNS}"
             ),
-            {"id": uuid.uuid4(), "t": job_type, "p": json.dumps(clean), "k": idempotency_key,
+            {"id": uuid.uuid4(), "t": job_type, "p": encoded, "k": idempotency_key,
              "m": max_attempts, "src": source, "nb": not_before, "ex": expires_at},
         ).mappings().first()
         if row is None:
@@ -205,7 +216,14 @@ class Relay:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> int:
-        """One pass; returns how many jobs were published."""
+        """One pass; returns how many jobs were published.
+
+        Three kinds of rows: accepted but never published (Redis was down); retries whose
+        message is overdue; and the backstop for a message lost after publishing (Redis data
+        loss, a deploy that dropped an unknown task): queued rows published long ago, and
+        running rows past the hard time limit whose job lease nobody holds. Each is sent at
+        most once per `relay_republish_after`; a duplicate message is a no-op by design.
+        """
         settings = get_settings()
         with leases.held(self.LEASE_KEY, ttl=max(30.0, settings.relay_interval * 5)) as lease:
             if lease is None:
@@ -213,26 +231,35 @@ class Relay:
             with session_scope() as s:
                 rows = s.execute(
                     text(
-                        "SELECT id, type, params, not_before FROM job_runs "
+                        "SELECT id, type, params, not_before, status FROM job_runs "
                         "WHERE (status='queued' AND published_at IS NULL "
                         "       AND created_at < now() - make_interval(secs => :grace)) "
                         "   OR (status='retrying' AND next_attempt_at < now() - interval '60 s') "
+                        "   OR (status='queued' "
+                        "       AND published_at < now() - make_interval(secs => :again) "
+                        "       AND (not_before IS NULL OR not_before < now())) "
+                        "   OR (status='running' "
+                        "       AND started_at < now() - make_interval(secs => :hard) "
+                        "       AND published_at < now() - make_interval(secs => :again)) "
                         "ORDER BY created_at LIMIT :n"
                     ),
-                    {"grace": settings.relay_grace, "n": self.BATCH},
+                    {"grace": settings.relay_grace, "n": self.BATCH,
+                     "again": settings.relay_republish_after,
+                     "hard": settings.task_time_limit + 60},
                 ).all()
             sent = 0
             for row in rows:
+                if row.status == "running" and leases.remaining_ttl(job_lease_key(str(row.id))):
+                    continue  # a live process still runs it
                 if not publish(row.id, row.type, row.params, row.not_before):
                     break  # broker still down: try again next pass
                 sent += 1
                 with session_scope() as s:
-                    # A stale retry gets its next look in 5 minutes, not every pass.
                     s.execute(
-                        text("UPDATE job_runs SET published_at=COALESCE(published_at, now()), "
+                        text("UPDATE job_runs SET published_at=now(), "
                              "next_attempt_at=CASE WHEN status='retrying' "
-                             "THEN now() + interval '5 min' END WHERE id=:id"),
-                        {"id": row.id},
+                             "THEN now() + make_interval(secs => :again) END WHERE id=:id"),
+                        {"id": row.id, "again": settings.relay_republish_after},
                     )
             if sent:
                 log.info("relay.published", count=sent)

@@ -65,6 +65,9 @@ class JobTask(Task):
 
     abstract = True
     typing = False  # arguments are validated against `params`, not the signature
+    # Celery's own retry cap (default 3) is off: re-deliveries that wait for a lease or ride
+    # out an outage must never be dropped; the attempt budget lives in job_runs.
+    max_retries = None
     params: ClassVar[type[BaseModel] | None] = None
     singleton: ClassVar[bool] = False
     max_attempts: ClassVar[int | None] = None
@@ -98,7 +101,7 @@ class JobTask(Task):
         if isinstance(exc, TimeLimitExceeded):
             try:
                 jobstore.fail(task_id, "failed", "time_limit",
-                              f"hard time limit exceeded ({exc})", only_if_running=True)
+                              f"hard time limit exceeded ({exc})")
             except Exception:
                 log.exception("job.time_limit_not_recorded", job_id=task_id)
 
@@ -115,7 +118,7 @@ class JobTask(Task):
     def _retry_delivery(self, countdown: float, exc: BaseException | None = None) -> Retry:
         """Re-send this delivery later without spending an attempt (Celery's cap is off:
         the attempt budget lives in Postgres)."""
-        return self.retry(countdown=countdown, max_retries=None, exc=exc)
+        return self.retry(countdown=countdown, exc=exc)
 
     def _run_leased(self, job_id: str, raw: dict[str, Any]) -> Any:
         settings = get_settings()
@@ -130,14 +133,20 @@ class JobTask(Task):
         single: leases.Lease | None = None
         try:
             if self.singleton:
-                single = leases.acquire(singleton_lease_key(self.name))
+                try:
+                    single = leases.acquire(singleton_lease_key(self.name))
+                except redis.RedisError as exc:
+                    raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
                 if single is None:
                     log.info("job.singleton_busy")
                     raise self._retry_delivery(settings.lease_ttl + random.uniform(0, 2))
+            worker = _worker_name(self.request)
             try:
-                claim = jobstore.claim(job_id, self.name, raw, _worker_name(self.request),
+                claim = jobstore.claim(job_id, self.name, raw, worker,
                                        self.max_attempts or settings.max_attempts)
-            except TRANSIENT_EXCEPTIONS as exc:
+            except Exception as exc:
+                # Whatever stops the claim, the message must come back, or the job is lost.
+                log.warning("job.claim_failed", error=describe(exc))
                 raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
             if claim.idempotency_key:
                 structlog.contextvars.bind_contextvars(idempotency_key=claim.idempotency_key)
@@ -147,13 +156,14 @@ class JobTask(Task):
             if claim.action in ("final", "dead"):
                 log.warning("job.not_run", status=claim.status)
                 raise Ignore()
-            return self._execute(job_id, raw, claim)
+            return self._execute(job_id, raw, claim, worker)
         finally:
             if single is not None:
                 leases.release(single)
             leases.release(lease)
 
-    def _execute(self, job_id: str, raw: dict[str, Any], claim: jobstore.Claim) -> Any:
+    def _execute(self, job_id: str, raw: dict[str, Any], claim: jobstore.Claim,
+                 worker: str) -> Any:
         log.info("job.started", attempt=claim.attempts)
         try:
             params = self.parse_params(raw)
@@ -163,49 +173,64 @@ class JobTask(Task):
         except (Retry, Ignore, Reject):
             raise
         except ValidationError as exc:
-            self._record(job_id, "failed", "invalid_params", str(exc))
+            self._record(job_id, worker, "failed", "invalid_params", str(exc))
             raise
         except JobError as exc:
-            self._record(job_id, "failed", exc.code, str(exc))
+            self._record(job_id, worker, "failed", exc.code, str(exc))
             log.warning("job.failed", error_code=exc.code)
             raise
         except SoftTimeLimitExceeded as exc:
-            self._record(job_id, "failed", "time_limit", "soft time limit exceeded")
+            self._record(job_id, worker, "failed", "time_limit", "soft time limit exceeded")
             raise exc
         except TRANSIENT_EXCEPTIONS as exc:
-            return self._transient(job_id, claim, exc)
+            return self._transient(job_id, worker, claim, exc)
         except Exception as exc:
-            self._record(job_id, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
+            self._record(job_id, worker, "failed", "internal_error", describe(exc))
             log.exception("job.internal_error")
             raise
         try:
-            jobstore.succeed(job_id, result)
+            jobstore.succeed(job_id, result, worker)
         except TRANSIENT_EXCEPTIONS as exc:
             # The effect committed but its record did not; a redelivery re-runs the
             # (idempotent) task and records it then.
             raise self._retry_delivery(backoff(claim.attempts), exc) from exc
+        except Exception as exc:  # the result itself cannot be stored (e.g. not JSON-able)
+            self._record(job_id, worker, "failed", "result_not_recorded", describe(exc))
+            log.exception("job.result_not_recorded")
+            raise
         log.info("job.succeeded", attempt=claim.attempts)
         return result
 
-    def _transient(self, job_id: str, claim: jobstore.Claim, exc: BaseException) -> Any:
+    def _transient(self, job_id: str, worker: str, claim: jobstore.Claim,
+                   exc: BaseException) -> Any:
         code = f"transient:{type(exc).__name__}"
         if claim.attempts >= claim.max_attempts:
-            self._record(job_id, "dead", code, str(exc))
+            self._record(job_id, worker, "dead", code, describe(exc))
             log.error("job.dead", attempts=claim.attempts, error_code=code)
             raise exc
         delay = backoff(claim.attempts)
         next_at = datetime.now(UTC) + timedelta(seconds=delay)
-        self._record(job_id, "retrying", code, str(exc), next_at)
+        self._record(job_id, worker, "retrying", code, describe(exc), next_at)
         log.warning("job.retrying", attempt=claim.attempts, delay=round(delay, 2), error_code=code)
         raise self._retry_delivery(delay, exc)
 
-    def _record(self, job_id: str, status: str, code: str, message: str,
+    def _record(self, job_id: str, worker: str, status: str, code: str, message: str,
                 next_at: datetime | None = None) -> None:
         try:
-            jobstore.fail(job_id, status, code, message, next_at)
+            jobstore.fail(job_id, status, code, message, next_at, worker=worker)
         except Exception as exc:
             # Cannot record the outcome: run the job again later rather than lose it.
             raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
+
+
+def describe(exc: BaseException) -> str:
+    """An error message fit for job_runs and Flower: the driver's first line, never the SQL
+    statement and its parameters that SQLAlchemy appends."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+        inner = exc.orig
+        first = (str(inner).strip().splitlines() or [""])[0]
+        return f"{type(inner).__name__}: {first}"[:2000]
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def _worker_name(request: Any) -> str:

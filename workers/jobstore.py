@@ -109,22 +109,26 @@ def claim(
         return Claim("dead", cur.attempts, cur.max_attempts, None, "dead")
 
 
-def succeed(job_id: str, result: Any) -> None:
-    """Record the result; the job is final."""
+def succeed(job_id: str, result: Any, worker: str) -> None:
+    """Record the result; the job is final. Only the run that holds the claim may record:
+    a late run whose job was reclaimed by another worker changes nothing."""
     with session_scope() as s:
         s.execute(
             text(
                 "UPDATE job_runs SET status='succeeded', result=CAST(:r AS jsonb), "
-                "finished_at=now(), error_code=NULL, error_message=NULL WHERE id=:id"
+                "finished_at=now(), error_code=NULL, error_message=NULL "
+                "WHERE id=:id AND status='running' AND worker=:w"
             ),
-            {"id": _uuid(job_id), "r": json.dumps(result, default=str)},
+            {"id": _uuid(job_id), "r": json.dumps(result, default=str, allow_nan=False),
+             "w": worker},
         )
 
 
 def fail(job_id: str, status: str, code: str, message: str,
-         next_attempt_at: datetime | None = None, *, only_if_running: bool = False) -> None:
-    """Record an error outcome: failed/dead (final) or retrying (with its next attempt time)."""
-    guard = " AND status='running'" if only_if_running else ""
+         next_attempt_at: datetime | None = None, *, worker: str | None = None) -> None:
+    """Record an error outcome: failed/dead (final) or retrying (with its next attempt time).
+    Only a running job changes; with `worker`, only the run that claimed it."""
+    guard = " AND status='running'" + (" AND worker=:w" if worker else "")
     with session_scope() as s:
         s.execute(
             text(
@@ -134,7 +138,7 @@ def fail(job_id: str, status: str, code: str, message: str,
                 "WHERE id=:id" + guard
             ),
             {"id": _uuid(job_id), "st": status, "c": code[:100], "m": message[:4000],
-             "n": next_attempt_at},
+             "n": next_attempt_at, "w": worker},
         )
 
 

@@ -27,6 +27,18 @@ from workers.settings import get_settings
 log = logging.getLogger(__name__)
 HOSTNAME = socket.gethostname()
 
+
+def _pid_namespace() -> str:
+    """Containers may share a hostname (host networking) but not a pid namespace: a pid is
+    only comparable inside one."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+PID_NAMESPACE = _pid_namespace()
+
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -54,17 +66,18 @@ class Lease:
 
 
 def _new_token() -> str:
-    return f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex}"
+    return f"{HOSTNAME}:{PID_NAMESPACE}:{os.getpid()}:{uuid.uuid4().hex}"
 
 
 def _holder_is_dead(token: str) -> bool:
-    """True only when the holder provably is gone: same host, and its pid no longer exists."""
+    """True only when the holder provably is gone: same host and pid namespace, and its pid
+    no longer exists."""
     try:
-        host, pid_s, _ = token.split(":", 2)
+        host, pidns, pid_s, _ = token.split(":", 3)
         pid = int(pid_s)
     except ValueError:
         return False
-    if host != HOSTNAME or pid == os.getpid():
+    if host != HOSTNAME or pidns != PID_NAMESPACE or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
@@ -96,8 +109,11 @@ class LeaseKeeper:
             self._ensure_thread()
 
     def discard(self, lease: Lease) -> None:
+        # By identity: a newer lease on the same key (the next singleton job, a retry) must
+        # not be dropped because an older one was released or lost.
         with self._lock:
-            self._held.pop(lease.key, None)
+            if self._held.get(lease.key) is lease:
+                del self._held[lease.key]
 
     def _loop(self) -> None:
         while True:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # the relay (not the request that accepted it) publishes it.
     relay_interval: float = Field(2.0, gt=0)
     relay_grace: float = Field(5.0, ge=0)
+    # Backstop for messages lost after publishing: a job that has not moved this long is
+    # published again (at most once per period; duplicates are no-ops).
+    relay_republish_after: float = Field(1800.0, gt=0)
     # Bearer tokens are cached (by hash) this long in each API process; revocation lag.
     token_cache_seconds: float = Field(10.0, ge=0)
 

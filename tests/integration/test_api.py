@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 
 import httpx
@@ -74,6 +75,15 @@ def test_malformed_body_is_422(client: httpx.Client, body: dict[str, object],
     assert r.json()["detail"][0]["loc"] == loc
 
 
+def test_values_postgres_cannot_store_are_422(client: httpx.Client) -> None:
+    nul = client.post("/v1/jobs", json={"type": "platform.ping", "params": {"echo": "a\u0000b"}})
+    nan = client.post("/v1/jobs", content=b'{"type": "testing.sleep_effect", '
+                      b'"params": {"seconds": NaN}}', headers={"Content-Type": "application/json"})
+    for r in (nul, nan):
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "params"]
+
+
 def test_not_json_is_422_never_500(client: httpx.Client) -> None:
     for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
         r = client.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
@@ -138,6 +148,8 @@ def test_list_filters_and_paginates(client: httpx.Client) -> None:
     assert client.get("/v1/jobs", params={"status": "weird"}).status_code == 422
     assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
     assert client.get("/v1/jobs", params={"cursor": "@@@"}).status_code == 422
+    odd = base64.urlsafe_b64encode(b'["2020-01-01T00:00:00", 5]').decode()
+    assert client.get("/v1/jobs", params={"cursor": odd}).status_code == 422
 
 
 def test_retry_only_failed_or_dead_and_cancel_only_unstarted(

@@ -113,14 +113,22 @@ def test_transient_errors_end_dead_and_operator_retry_brings_it_back(
 def test_whole_worker_killed_job_comes_back_after_visibility_timeout(
     services: Services, client: httpx.Client, db: psycopg.Connection
 ) -> None:
-    # given a worker whose Redis visibility timeout is 12 s (hard limit 10 s), running a job
+    # given a worker whose Redis visibility timeout is 12 s (hard limit 10 s), on a Redis DB
+    # of its own so that no other test's worker can take its job, running a job
+    base, _, db_index = services.redis_url.rpartition("/")
+    own_redis = f"{base}/{(int(db_index or 0) + 1) % 16}"
+    redis.Redis.from_url(own_redis).flushdb()
     env = {"WARDEN_TASK_TIME_LIMIT": "10", "WARDEN_TASK_SOFT_TIME_LIMIT": "8",
-           "WARDEN_VISIBILITY_TIMEOUT": "12"}
+           "WARDEN_VISIBILITY_TIMEOUT": "12", "WARDEN_REDIS_URL": own_redis}
     proc = start_worker(services, "node", concurrency=1, env=env)
     replacement: Proc | None = None
     try:
-        job_id = client.post("/v1/jobs", json={"type": "testing.sleep_effect",
-                                               "params": {"seconds": 4}}).json()["id"]
+        job_id = str(uuid.uuid4())
+        db.execute("INSERT INTO job_runs (id, type, params, published_at) VALUES "
+                   "(%s, 'testing.sleep_effect', '{\"seconds\": 4}', now())", (job_id,))
+        with app.connection_for_write(own_redis) as conn:
+            app.send_task("testing.sleep_effect", kwargs={"params": {"seconds": 4}},
+                          task_id=job_id, connection=conn)
         wait_for_status(job_id, {"running"}, timeout=20)
         # when the whole worker (main process and pool) is SIGKILLed, as when a node dies
         os.killpg(proc.pid, signal.SIGKILL)
@@ -132,3 +140,31 @@ def test_whole_worker_killed_job_comes_back_after_visibility_timeout(
         proc.stop()
         if replacement is not None:
             replacement.stop()
+
+
+def test_message_lost_after_publish_is_sent_again_by_the_relay(
+    client: httpx.Client, worker: Proc, db: psycopg.Connection, api: str
+) -> None:
+    # given a job recorded as published whose message never reached a worker (Redis lost it)
+    job_id = str(uuid.uuid4())
+    db.execute("INSERT INTO job_runs (id, type, params, status, published_at, created_at) "
+               "VALUES (%s, 'platform.ping', '{\"echo\": \"lost\"}', 'queued', "
+               "now() - interval '1 minute', now() - interval '1 minute')", (job_id,))
+    # when the relay's backstop period (5 s in tests) has passed
+    # then the job is published again and runs, once
+    done = wait_for_status(job_id, {"succeeded"}, timeout=30)
+    assert done["attempts"] == 1
+    assert done["result"] == {"echo": "lost", "job_id": job_id}
+
+
+def test_a_singleton_waits_as_long_as_it_takes(worker: Proc) -> None:
+    # given a long singleton job, and a second one that must wait for it through more
+    # re-deliveries than Celery's default retry cap (3)
+    from workers.enqueue import submit
+
+    first = str(submit("testing.singleton_sleep", {"seconds": 16}).job["id"])
+    wait_for_status(first, {"running"})
+    second = str(submit("testing.singleton_sleep", {"seconds": 0}).job["id"])
+    # then the second still runs once the first is done, without spending attempts waiting
+    done = wait_for_status(second, {"succeeded"}, timeout=60)
+    assert done["attempts"] == 1
