@@ -29,22 +29,27 @@ def main() -> int:
     concurrency = _env_int("WARDEN_BENCH_CONCURRENCY", 2)
     clients = _env_int("WARDEN_BENCH_CLIENTS", 16)
     duration = _env_float("WARDEN_BENCH_DURATION", 10.0)
+    rounds = _env_int("WARDEN_BENCH_ROUNDS", 2)
     only = os.environ.get("WARDEN_BENCH_ONLY", "")
 
     from bench import enqueue_api, phases, ping
     from bench.services import services
+    from workers import logging as wlogging
+
+    # As the CLI does: warnings only, on stderr; stdout carries the results.
+    wlogging.configure("WARNING")
 
     print(f"# warden bench: {os.cpu_count()} CPUs shared by Postgres, Redis, the servers, "
           "the worker and the load generator (all on this host)", flush=True)
     started = time.monotonic()
     with services() as svc:
         if only in ("", "ping"):
-            for line in ping.run(svc, n, concurrency):
+            for line in ping.run(svc, n, concurrency, rounds):
                 print(line, flush=True)
             for line in phases.run(svc):
                 print(line, flush=True)
         if only in ("", "api"):
-            for line in enqueue_api.run(svc, clients, duration):
+            for line in enqueue_api.run(svc, clients, duration, rounds):
                 print(line, flush=True)
     print(f"# done in {time.monotonic() - started:.0f} s", flush=True)
     return 0

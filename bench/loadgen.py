@@ -30,6 +30,7 @@ class Stats:
     latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     errors: int = 0
+    total: int = 0  # expected responses, warm-up included (CPU per request is over all)
 
 
 def _cpu_seconds() -> float:
@@ -87,6 +88,7 @@ async def _client(cid: int, args: argparse.Namespace, start: float, end: float,
                 reader, writer = await asyncio.open_connection("127.0.0.1", args.port)
                 continue
             done = time.perf_counter()
+            stats.total += status == args.expect
             if start <= now and done <= end:  # only requests wholly inside the window
                 stats.latencies.append(done - now)
                 stats.statuses[status] = stats.statuses.get(status, 0) + 1
@@ -117,10 +119,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     lat = sorted(stats.latencies)
     ok = sum(v for k, v in stats.statuses.items() if k == args.expect)
     return {
-        "requests": len(lat), "ok": ok, "statuses": stats.statuses, "errors": stats.errors,
+        "requests": len(lat), "ok": ok, "total": stats.total, "statuses": stats.statuses,
+        "errors": stats.errors,
         "duration": args.duration, "rps": ok / args.duration,
         "p50_ms": 1000 * _percentile(lat, 0.50), "p99_ms": 1000 * _percentile(lat, 0.99),
         "cpu_fraction": cpu / args.duration,
+        "cpu_total_s": _cpu_seconds(),  # imports included: the bench's host-load figure
     }
 
 

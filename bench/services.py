@@ -106,7 +106,7 @@ class Services:
     def sql(self, statement: str) -> None:
         """One autocommit statement (TRUNCATE between phases)."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
 
     def reset_queues(self) -> None:
         """Empty job_runs and the broker so each phase starts from the same state."""
@@ -132,7 +132,7 @@ def start_http(svc: Services, argv: list[str], name: str, port: int) -> Proc:
     """An HTTP server child, returned once its port accepts (uvicorn binds after startup)."""
     proc = svc.spawn(argv, name)
     try:
-        wait_for_port(port, 60, proc.popen)  # type: ignore[arg-type]
+        wait_for_port(port, 60, proc.popen)
     except Exception as exc:
         raise RuntimeError(f"{name} did not start:\n{proc.tail()}") from exc
     return proc
@@ -144,13 +144,13 @@ def _scratch_database(server_url: str) -> tuple[str, str, str]:
     admin = urlunsplit(parts._replace(path="/postgres"))
     name = f"warden_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'CREATE DATABASE "{name}"')
     return urlunsplit(parts._replace(path=f"/{name}")), admin, name
 
 
 def _drop_database(admin: str, name: str) -> None:
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def apply_env(svc: Services) -> None:
@@ -176,6 +176,7 @@ def services() -> Iterator[Services]:
         outer.callback(shutil.rmtree, tmp, True)
         db_env = os.environ.get("WARDEN_BENCH_DATABASE_URL")
         redis_env = os.environ.get("WARDEN_BENCH_REDIS_URL")
+        pids: dict[str, int] = {}
         if db_env:
             db_url, admin, name = _scratch_database(db_env)
             outer.callback(_drop_database, admin, name)
@@ -183,18 +184,16 @@ def services() -> Iterator[Services]:
             pg = EmbeddedPostgres(tmp)
             outer.callback(pg.stop)
             db_url = pg.start()
+            pids["postgres"] = pg.proc.pid if pg.proc else 0
         if redis_env:
             redis_url = redis_env
         else:
             rd = EmbeddedRedis(tmp)
             outer.callback(rd.stop)
             redis_url = rd.start()
+            pids["redis"] = rd.proc.pid if rd.proc else 0
         redis.Redis.from_url(redis_url).flushdb()
-        svc = Services(db_url, redis_url, tmp)
-        if not db_env and pg.proc is not None:
-            svc.server_pids["postgres"] = pg.proc.pid
-        if not redis_env and rd.proc is not None:
-            svc.server_pids["redis"] = rd.proc.pid
+        svc = Services(db_url, redis_url, tmp, server_pids=pids)
         apply_env(svc)
         from workers.db import reset_engine
         from workers.migrate import upgrade
@@ -203,7 +202,16 @@ def services() -> Iterator[Services]:
         upgrade()
         # Children go first (LIFO): they hold connections to the servers stopped above.
         with svc.stack:
-            yield svc
+            try:
+                yield svc
+            finally:
+                _shield_cleanup()
+
+
+def _shield_cleanup() -> None:
+    """A second Ctrl-C (or a SIGTERM) must not cut the teardown short and leave strays."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def new_port() -> int:
