@@ -10,7 +10,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
@@ -24,9 +24,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
-from starlette.routing import Match
+from starlette.concurrency import run_in_threadpool
 
-from api_stub.middleware import BodyLimit
+from api_stub.middleware import BodyLimit, Observe
 from api_stub.schemas import KEY_PATTERN, JobIn, JobOut, JobPage, JobTypeOut
 from workers import jobstore, metrics
 from workers.db import session_scope
@@ -83,14 +83,17 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
 
     # -- auth -------------------------------------------------------------------------------
 
-    def require(scope: str) -> Callable[..., frozenset[str]]:
-        def check(
+    def require(scope: str) -> Callable[..., Awaitable[frozenset[str]]]:
+        async def check(
             creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
         ) -> frozenset[str]:
             if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
                 raise HTTPException(401, "missing bearer token",
                                     headers={"WWW-Authenticate": "Bearer"})
-            scopes = token_cache.scopes(creds.credentials)
+            # On the event loop from the cache; a miss goes to the database in the pool.
+            found, scopes = token_cache.cached(creds.credentials)
+            if not found:
+                scopes = await run_in_threadpool(token_cache.scopes, creds.credentials)
             if scopes is None:
                 raise HTTPException(401, "invalid or revoked token",
                                     headers={"WWW-Authenticate": "Bearer"})
@@ -126,22 +129,6 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         return _unprocessable([{"loc": ["body"], "type": "value_error",
                                 "msg": "a value cannot be stored: " + describe(exc)}])
 
-    # -- metrics middleware ------------------------------------------------------------------
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[..., Any]) -> Response:
-        start = time.perf_counter()
-        response: Response = await call_next(request)
-        route = "unmatched"
-        for r in app.router.routes:
-            match, _ = r.matches(request.scope)
-            if match == Match.FULL:
-                route = getattr(r, "path", "unmatched")
-                break
-        metrics.API_LATENCY.labels(route).observe(time.perf_counter() - start)
-        metrics.API_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-        return response
-
     # -- jobs ----------------------------------------------------------------------------------
 
     @app.post("/v1/jobs", status_code=202, response_model=JobOut,
@@ -149,12 +136,14 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
               responses={200: {"model": JobOut,
                                "description": "same idempotency key: the first job"},
                          409: {}, 413: {}, 422: {}})
-    def enqueue(
+    async def enqueue(
         body: JobIn,
         response: Response,
         idempotency_key: Annotated[str | None, Header(pattern=KEY_PATTERN)] = None,
     ) -> Any:
         """Accept a job: 202 with the new job, or 200 with the job an earlier request made."""
+        # async with one hop to the thread pool for the blocking part (insert + publish):
+        # a sync endpoint would pay a hop for auth, one for itself and one for its response.
         key = body.idempotency_key
         if idempotency_key is not None:
             if key is not None and key != idempotency_key:
@@ -164,7 +153,8 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
                 }])
             key = idempotency_key
         try:
-            sub = submit(body.type, body.params, idempotency_key=key, countdown=body.countdown)
+            sub = await run_in_threadpool(submit, body.type, body.params,
+                                          idempotency_key=key, countdown=body.countdown)
         except UnknownJobType as exc:
             return _unprocessable([{"loc": ["body", "type"], "msg": str(exc),
                                     "type": "unknown_job_type", "known_types": exc.known}])
@@ -274,6 +264,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         """Prometheus exposition."""
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(Observe)
     app.add_middleware(BodyLimit)
     return app
 

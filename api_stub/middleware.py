@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any
 
 MAX_BODY = 64 * 1024
@@ -67,3 +68,33 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class Observe:
+    """Request count and latency per route template, read from the route Starlette matched
+    (no second routing pass), as a plain ASGI wrapper (no extra task per request)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from workers import metrics
+
+        start = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.API_LATENCY.labels(route).observe(time.perf_counter() - start)
+            metrics.API_REQUESTS.labels(scope["method"], route, str(status)).inc()

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import MetaData, create_engine
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from workers.settings import get_settings
@@ -33,66 +33,90 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-_engine: Engine | None = None
-_engine_pid: int | None = None
-_sessionmaker: sessionmaker[Session] | None = None
-_init_lock = threading.Lock()
+class _ProcessEngines:
+    """The process's two pools, created on first use and re-created after a fork.
+
+    `main`: sessions and multi-statement transactions, with a pre-ping so a request after a
+    database restart gets a fresh connection. `fast`: single statements in autocommit, no
+    pre-ping: one round trip per statement instead of four (pre-ping, BEGIN, statement,
+    COMMIT). It serves the hot paths (accept, claim, record), whose callers treat a stale
+    connection's OperationalError as transient.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid: int | None = None
+        self.main: Engine | None = None
+        self.fast: Engine | None = None
+        self.maker: sessionmaker[Session] | None = None
+
+    def ready(self) -> bool:
+        return self.pid == os.getpid() and self.maker is not None
+
+    def build(self) -> None:
+        with self.lock:  # the API's first requests arrive on many threads at once
+            if self.ready():
+                return
+            self.forget(close=False)  # inherited from a parent: its sockets, not ours
+            dsn = get_settings().database_dsn()
+            connect_args = {"connect_timeout": 5, "application_name": "warden"}
+            # 10 + 30: the API's thread pool has 40 threads; a request waits for a
+            # connection (503, not 500, past pool_timeout) rather than failing at once.
+            main = create_engine(dsn, pool_pre_ping=True, pool_size=10, max_overflow=30,
+                                 pool_timeout=10, connect_args=connect_args)
+            fast = create_engine(dsn, isolation_level="AUTOCOMMIT", pool_size=10,
+                                 max_overflow=30, pool_timeout=10, connect_args=connect_args)
+            # Publish the pid last: the lock-free check trusts the engines once it matches.
+            self.main, self.fast = main, fast
+            self.maker = sessionmaker(main, expire_on_commit=False)
+            self.pid = os.getpid()
+
+    def forget(self, *, close: bool) -> None:
+        for engine in (self.main, self.fast):
+            if engine is not None:
+                engine.dispose(close=close)
+        self.main = self.fast = None
+        self.maker = None
+        self.pid = None
+
+
+_engines = _ProcessEngines()
 
 
 def get_engine() -> Engine:
-    """The process's engine, created on first use and re-created after a fork."""
-    if _engine is not None and _engine_pid == os.getpid() and _sessionmaker is not None:
-        return _engine
-    with _init_lock:  # the API's first requests arrive on many threads at once
-        return _create_engine()
-
-
-def _create_engine() -> Engine:
-    global _engine, _engine_pid, _sessionmaker
-    if _engine is None or _engine_pid != os.getpid():
-        if _engine is not None:
-            # close=False: the parent still owns those sockets; just forget them here.
-            _engine.dispose(close=False)
-        engine = create_engine(
-            get_settings().database_dsn(),
-            pool_pre_ping=True,
-            # The API's thread pool has 40 threads; a request waits for a connection rather
-            # than failing (and a 503, not a 500, if it waits past pool_timeout).
-            pool_size=10,
-            max_overflow=30,
-            pool_timeout=10,
-            connect_args={"connect_timeout": 5, "application_name": "warden"},
-        )
-        # Publish in this order: the lock-free fast path trusts _engine only once the pid
-        # matches, and by then the sessionmaker is the new engine's.
-        _sessionmaker = sessionmaker(engine, expire_on_commit=False)
-        _engine = engine
-        _engine_pid = os.getpid()
-    return _engine
+    """The process's engine for sessions (transactions of several statements)."""
+    if not _engines.ready():
+        _engines.build()
+    assert _engines.main is not None
+    return _engines.main
 
 
 def dispose_after_fork(**_: Any) -> None:
-    """Signal handler for worker_process_init: drop the parent's pool in the child."""
-    global _engine
-    if _engine is not None:
-        _engine.dispose(close=False)
-        _engine = None
+    """Signal handler for worker_process_init: drop the parent's pools in the child."""
+    _engines.forget(close=False)
 
 
 def reset_engine() -> None:
-    """Close the pool (tests switch databases; `warden up` stops servers)."""
-    global _engine
-    if _engine is not None:
-        _engine.dispose()
-        _engine = None
+    """Close the pools (tests switch databases; `warden up` stops servers)."""
+    _engines.forget(close=True)
+
+
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A connection whose every statement commits on its own (single-statement changes)."""
+    if not _engines.ready():
+        _engines.build()
+    assert _engines.fast is not None
+    with _engines.fast.connect() as conn:
+        yield conn
 
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """One transaction: commit on success, roll back on any exception."""
     get_engine()
-    assert _sessionmaker is not None
-    session = _sessionmaker()
+    assert _engines.maker is not None
+    session = _engines.maker()
     try:
         yield session
         session.commit()

@@ -23,7 +23,7 @@ from sqlalchemy.engine import RowMapping
 
 from workers import jobstore, leases
 from workers.app import app, registered_job_tasks
-from workers.db import session_scope
+from workers.db import autocommit, session_scope
 from workers.jobs import job_lease_key
 from workers.metrics import JOBS_SUBMITTED
 from workers.settings import get_settings
@@ -102,7 +102,8 @@ def submit(
     now = datetime.now(UTC)
     not_before = now + timedelta(seconds=countdown) if countdown else None
     expires_at = now + timedelta(seconds=expires) if expires else None
-    with session_scope() as s:
+    # Autocommit: the INSERT commits on its own, durably, before the 202 and the publish.
+    with autocommit() as s:
         row = s.execute(
             text(
                 "INSERT INTO job_runs (id, type, params, idempotency_key, max_attempts, source, "

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import RowMapping
 
-from workers.db import session_scope
+from workers.db import autocommit, session_scope
 
 JOB_COLUMNS = (
     "id, type, params, idempotency_key, status, attempts, max_attempts, source, created_at, "
@@ -40,6 +40,23 @@ def _uuid(job_id: str | uuid.UUID) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
 
 
+_EXPIRED = "expires_at < now()"
+_CLAIM = text(
+    "UPDATE job_runs SET "
+    f"status = CASE WHEN {_EXPIRED} THEN 'cancelled' ELSE 'running' END, "
+    f"attempts = attempts + CASE WHEN {_EXPIRED} THEN 0 ELSE 1 END, "
+    f"started_at = CASE WHEN {_EXPIRED} THEN started_at ELSE now() END, "
+    f"finished_at = CASE WHEN {_EXPIRED} THEN now() END, "
+    f"error_code = CASE WHEN {_EXPIRED} THEN 'expired' ELSE error_code END, "
+    f"error_message = CASE WHEN {_EXPIRED} THEN 'not started before expires_at' "
+    "ELSE error_message END, "
+    "worker = :w, next_attempt_at = NULL, published_at = COALESCE(published_at, now()) "
+    "WHERE id = :id AND status IN ('queued', 'retrying', 'running') "
+    "AND attempts < max_attempts "
+    "RETURNING status, attempts, max_attempts, idempotency_key"
+)
+
+
 def claim(
     job_id: str,
     job_type: str,
@@ -54,29 +71,16 @@ def claim(
     (the poison-pill guard for jobs that kill their worker).
     """
     jid = _uuid(job_id)
+    # The common case in one autocommit statement: a runnable job becomes running, or
+    # cancelled when it was not started before expires_at.
+    with autocommit() as conn:
+        row = conn.execute(_CLAIM, {"id": jid, "w": worker}).first()
+    if row is not None:
+        if row.status == "cancelled":
+            return Claim("final", row.attempts, row.max_attempts, None, "cancelled")
+        return Claim("run", row.attempts, row.max_attempts,
+                     idempotency_key=row.idempotency_key)
     with session_scope() as s:
-        row = s.execute(
-            text(
-                "UPDATE job_runs SET status='running', attempts=attempts+1, started_at=now(), "
-                "worker=:w, next_attempt_at=NULL, published_at=COALESCE(published_at, now()) "
-                "WHERE id=:id AND status IN ('queued','retrying','running') "
-                "AND attempts < max_attempts "
-                "RETURNING attempts, max_attempts, idempotency_key, "
-                "COALESCE(expires_at < now(), false) AS expired"
-            ),
-            {"id": jid, "w": worker},
-        ).first()
-        if row is not None:
-            if row.expired:
-                s.execute(
-                    text("UPDATE job_runs SET status='cancelled', attempts=attempts-1, "
-                         "finished_at=now(), error_code='expired', "
-                         "error_message='not started before expires_at' WHERE id=:id"),
-                    {"id": jid},
-                )
-                return Claim("final", row.attempts - 1, row.max_attempts, None, "cancelled")
-            return Claim("run", row.attempts, row.max_attempts,
-                         idempotency_key=row.idempotency_key)
         cur = s.execute(
             text("SELECT status, attempts, max_attempts, result FROM job_runs WHERE id=:id"),
             {"id": jid},
@@ -112,8 +116,8 @@ def claim(
 def succeed(job_id: str, result: Any, worker: str) -> None:
     """Record the result; the job is final. Only the run that holds the claim may record:
     a late run whose job was reclaimed by another worker changes nothing."""
-    with session_scope() as s:
-        s.execute(
+    with autocommit() as conn:
+        conn.execute(
             text(
                 "UPDATE job_runs SET status='succeeded', result=CAST(:r AS jsonb), "
                 "finished_at=now(), error_code=NULL, error_message=NULL "
@@ -129,8 +133,8 @@ def fail(job_id: str, status: str, code: str, message: str,
     """Record an error outcome: failed/dead (final) or retrying (with its next attempt time).
     Only a running job changes; with `worker`, only the run that claimed it."""
     guard = " AND status='running'" + (" AND worker=:w" if worker else "")
-    with session_scope() as s:
-        s.execute(
+    with autocommit() as conn:
+        conn.execute(
             text(
                 "UPDATE job_runs SET status=CAST(:st AS varchar), error_code=:c, error_message=:m, "
                 "next_attempt_at=:n, "

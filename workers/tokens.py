@@ -83,14 +83,20 @@ class TokenCache:
         self._entries: dict[str, tuple[float, frozenset[str] | None]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, token: str) -> tuple[bool, frozenset[str] | None]:
+        """(found, scopes) from memory only: safe to call on the event loop."""
+        hit = self._entries.get(hash_token(token))
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
     def scopes(self, token: str) -> frozenset[str] | None:
-        """The token's scopes, or None for an unknown or revoked token."""
+        """The token's scopes, or None for an unknown or revoked token (may query)."""
+        found, scopes = self.cached(token)
+        if found:
+            return scopes
         digest = hash_token(token)
         now = time.monotonic()
-        with self._lock:
-            hit = self._entries.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
         with session_scope() as s:
             row = s.execute(
                 text("UPDATE api_tokens SET last_used_at=now() "
