@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +20,6 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
 
 from workers import jobstore, leases
 from workers.app import app, registered_job_tasks
@@ -53,7 +53,7 @@ class IdempotencyConflict(ValueError):
 
 @dataclass(frozen=True)
 class Submitted:
-    job: RowMapping
+    job: Mapping[Any, Any]
     created: bool
     published: bool
 
@@ -79,6 +79,79 @@ def validate(job_type: str, params: dict[str, Any] | None) -> BaseModel:
     return model
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A validated job, ready to insert: the part of a submit that needs no I/O."""
+
+    job_type: str
+    clean: dict[str, Any]
+    idempotency_key: str | None
+    not_before: datetime | None
+    source: str
+    row_params: dict[str, Any]
+
+
+# psycopg placeholders, so the same SQL serves the sync pool and the API's async connections.
+INSERT_JOB = (
+    "INSERT INTO job_runs (id, type, params, idempotency_key, max_attempts, source, "
+    "not_before, expires_at) "
+    "VALUES (%(id)s, %(t)s, %(p)s::jsonb, %(k)s, %(m)s, %(src)s, %(nb)s, %(ex)s) "
+    f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {jobstore.JOB_COLUMNS}"
+)
+SELECT_BY_KEY = f"SELECT {jobstore.JOB_COLUMNS} FROM job_runs WHERE idempotency_key = %(k)s"
+
+
+def prepare(
+    job_type: str,
+    params: dict[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+    countdown: float | None = None,
+    expires: float | None = None,
+    source: str = "api",
+) -> Prepared:
+    """Validate params and build the row; raises UnknownJobType, ValidationError or
+    UnstorableParams (all the client's to fix)."""
+    model = validate(job_type, params)
+    clean = model.model_dump(mode="json")
+    try:
+        encoded = json.dumps(clean, allow_nan=False)
+    except ValueError as exc:
+        raise UnstorableParams("params may not contain NaN or Infinity") from exc
+    if "\\u0000" in encoded:
+        raise UnstorableParams("params may not contain NUL characters (\\u0000)")
+    task = job_types()[job_type]
+    now = datetime.now(UTC)
+    not_before = now + timedelta(seconds=countdown) if countdown else None
+    row_params = {
+        "id": uuid.uuid4(), "t": job_type, "p": encoded, "k": idempotency_key,
+        "m": task.max_attempts or get_settings().max_attempts, "src": source, "nb": not_before,
+        "ex": now + timedelta(seconds=expires) if expires else None,
+    }
+    return Prepared(job_type, clean, idempotency_key, not_before, source, row_params)
+
+
+def existing_job(prepared: Prepared, existing: Mapping[Any, Any]) -> Submitted:
+    """The job an earlier request made with this key, if it asked for the same thing."""
+    if existing["type"] != prepared.job_type or existing["params"] != prepared.clean:
+        raise IdempotencyConflict(
+            f"idempotency key {prepared.idempotency_key!r} was used for another job "
+            f"({existing['type']} {existing['id']})"
+        )
+    JOBS_SUBMITTED.labels(prepared.job_type, "deduplicated").inc()
+    return Submitted(existing, created=False, published=True)
+
+
+def after_insert(prepared: Prepared, row: Mapping[Any, Any]) -> Submitted:
+    """The row is committed: publish (or leave it to the relay), count, log."""
+    JOBS_SUBMITTED.labels(prepared.job_type, "created").inc()
+    published = publish(row["id"], prepared.job_type, prepared.clean, prepared.not_before)
+    log.info("job.accepted", job_id=str(row["id"]), job_type=prepared.job_type,
+             idempotency_key=prepared.idempotency_key, source=prepared.source,
+             published=published)
+    return Submitted(row, created=True, published=published)
+
+
 def submit(
     job_type: str,
     params: dict[str, Any] | None = None,
@@ -89,53 +162,55 @@ def submit(
     source: str = "api",
 ) -> Submitted:
     """Validate, insert the job (or find the one with this key), commit, then publish."""
-    model = validate(job_type, params)
-    clean = model.model_dump(mode="json")
-    try:
-        encoded = json.dumps(clean, allow_nan=False)
-    except ValueError as exc:
-        raise UnstorableParams("params may not contain NaN or Infinity") from exc
-    if "\\u0000" in encoded:
-        raise UnstorableParams("params may not contain NUL characters (\\u0000)")
-    task = job_types()[job_type]
-    max_attempts = task.max_attempts or get_settings().max_attempts
-    now = datetime.now(UTC)
-    not_before = now + timedelta(seconds=countdown) if countdown else None
-    expires_at = now + timedelta(seconds=expires) if expires else None
+    prepared = prepare(job_type, params, idempotency_key=idempotency_key, countdown=countdown,
+                       expires=expires, source=source)
     # Autocommit: the INSERT commits on its own, durably, before the 202 and the publish.
-    with autocommit() as s:
-        row = s.execute(
-            text(
-                "INSERT INTO job_runs (id, type, params, idempotency_key, max_attempts, source, "
-                "not_before, expires_at) "
-                "VALUES (:id, :t, CAST(:p AS jsonb), :k, :m, :src, :nb, :ex) "
-                f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {jobstore.JOB_COLUMNS}"
-            ),
-            {"id": uuid.uuid4(), "t": job_type, "p": encoded, "k": idempotency_key,
-             "m": max_attempts, "src": source, "nb": not_before, "ex": expires_at},
-        ).mappings().first()
+    with autocommit() as conn:
+        row = conn.exec_driver_sql(INSERT_JOB, prepared.row_params).mappings().first()
         if row is None:
-            existing = s.execute(
-                text(f"SELECT {jobstore.JOB_COLUMNS} FROM job_runs WHERE idempotency_key=:k"),
-                {"k": idempotency_key},
-            ).mappings().one()
-            if existing["type"] != job_type or existing["params"] != clean:
-                raise IdempotencyConflict(
-                    f"idempotency key {idempotency_key!r} was used for another job "
-                    f"({existing['type']} {existing['id']})"
-                )
-            JOBS_SUBMITTED.labels(job_type, "deduplicated").inc()
-            return Submitted(existing, created=False, published=True)
-    JOBS_SUBMITTED.labels(job_type, "created").inc()
-    published = publish(row["id"], job_type, clean, not_before)
-    log.info("job.accepted", job_id=str(row["id"]), job_type=job_type,
-             idempotency_key=idempotency_key, source=source, published=published)
-    return Submitted(row, created=True, published=published)
+            found = conn.exec_driver_sql(SELECT_BY_KEY, {"k": idempotency_key}).mappings().one()
+            return existing_job(prepared, found)
+    return after_insert(prepared, row)
+
+
+async def submit_async(prepared: Prepared, conn: Any) -> Submitted:
+    """`submit` for the API's event loop: the insert on an async psycopg connection (no
+    thread hop), the publish on the loop like a bare `.delay()` route (a tripped breaker
+    makes it instant while the broker is down)."""
+    async with conn.cursor() as cur:
+        await cur.execute(INSERT_JOB, prepared.row_params)
+        row = await cur.fetchone()
+        if row is None:
+            await cur.execute(SELECT_BY_KEY, {"k": prepared.idempotency_key})
+            return existing_job(prepared, await cur.fetchone())
+    return after_insert(prepared, row)
+
+
+class _Breaker:
+    """After a failed publish, accept-path publishes are skipped for a few seconds: a
+    request must not wait out connect timeouts while Redis is down; the relay (which
+    always tries) publishes those jobs once the broker is back."""
+
+    OPEN_SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self.open_until = 0.0
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def trip(self) -> None:
+        self.open_until = time.monotonic() + self.OPEN_SECONDS
+
+
+_breaker = _Breaker()
 
 
 def publish(job_id: uuid.UUID, job_type: str, params: dict[str, Any],
-            eta: datetime | None = None) -> bool:
+            eta: datetime | None = None, *, force: bool = False) -> bool:
     """Send the job's message; False (logged) when the broker is unreachable."""
+    if _breaker.is_open() and not force:
+        return False
     try:
         app.send_task(
             job_type,
@@ -146,6 +221,7 @@ def publish(job_id: uuid.UUID, job_type: str, params: dict[str, Any],
             retry_policy=PUBLISH_POLICY,
         )
     except Exception as exc:  # any broker failure: the relay will publish it later
+        _breaker.trip()
         log.warning("job.publish_failed", job_id=str(job_id), error=f"{type(exc).__name__}: {exc}")
         return False
     _marker.mark(job_id)
@@ -252,7 +328,7 @@ class Relay:
             for row in rows:
                 if row.status == "running" and leases.remaining_ttl(job_lease_key(str(row.id))):
                     continue  # a live process still runs it
-                if not publish(row.id, row.type, row.params, row.not_before):
+                if not publish(row.id, row.type, row.params, row.not_before, force=True):
                     break  # broker still down: try again next pass
                 sent += 1
                 with session_scope() as s:

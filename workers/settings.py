@@ -100,6 +100,10 @@ class Settings(BaseSettings):
             )
         return normalize_db_url(url)
 
+    def libpq_dsn(self) -> str:
+        """The database URL as libpq/psycopg take it (no SQLAlchemy driver suffix)."""
+        return self.database_dsn().replace("postgresql+psycopg://", "postgresql://", 1)
+
     def redis_dsn(self) -> str:
         """The Redis URL: the configured one, else the one `warden up` wrote."""
         if self.redis_url is not None:
