@@ -11,8 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -25,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import redis
 
+from workers.children import Child
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,40 +36,11 @@ BENCH_SETTINGS = {
 }
 
 
-class Proc:
-    """A child in its own session, so stopping it can kill its whole group (pool children)."""
+class Proc(Child):
+    """A bench child (see workers.children), run from the repo root."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.argv, self.log = argv, log
-        with open(log, "ab") as logf:  # the child keeps its own copy of the descriptor
-            self.popen = subprocess.Popen(
-                [sys.executable, *argv], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (a graceful stop), then SIGKILL to whatever is left of the group."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-
-    def tail(self, n: int = 3000) -> str:
-        if not self.log.exists():
-            return ""
-        return self.log.read_text(errors="replace")[-n:]
+        super().__init__(argv, env, log, cwd=ROOT)
 
 
 @dataclass

@@ -11,14 +11,13 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from workers.children import Child, warden
 from workers.settings import Settings, SettingsError, get_settings
 
 
@@ -57,30 +56,6 @@ def admin_token(settings: Settings) -> str:
     return token
 
 
-def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=open(log_path, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout)
-    # Whatever is left of its group (prefork children, a hung process) goes now.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-
-
 def run_up(*, demo: bool, concurrency: int) -> int:
     """Start everything and supervise until Ctrl-C or a child dies; returns the exit code."""
     from workers import embedded
@@ -105,7 +80,7 @@ def run_up(*, demo: bool, concurrency: int) -> int:
     env = dict(os.environ)
     pg: embedded.EmbeddedPostgres | None = None
     rd: embedded.EmbeddedRedis | None = None
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    children: list[tuple[str, Child]] = []
     try:
         pg_port, rd_port = embedded.read_ports(data_dir)
         if settings.database_url is None:
@@ -148,11 +123,11 @@ def run_up(*, demo: bool, concurrency: int) -> int:
                 # Ctrl-C stops the worker cold after a 10 s soft shutdown: running jobs go
                 # back to the queue now, not after the visibility timeout.
                 child_env["REMAP_SIGTERM"] = "SIGQUIT"
-            children.append((name, _spawn(args, child_env, logs / f"{name}.log")))
+            children.append((name, warden(args, child_env, logs / f"{name}.log")))
 
         from workers.embedded import wait_for_port
 
-        wait_for_port(settings.api_port, 60, children[1][1])
+        wait_for_port(settings.api_port, 60, children[1][1].popen)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         click.echo(
             "\nWarden is up.\n"
@@ -169,8 +144,9 @@ def run_up(*, demo: bool, concurrency: int) -> int:
         )
         while stop["sig"] is None:
             for name, proc in children:
-                if proc.poll() is not None:
-                    click.echo(f"{name} exited with {proc.returncode}; see {logs / name}.log; "
+                if not proc.alive():
+                    code = proc.popen.returncode
+                    click.echo(f"{name} exited with {code}; see {logs / name}.log; "
                                "stopping everything", err=True)
                     return 1
             time.sleep(0.3)
@@ -182,7 +158,7 @@ def run_up(*, demo: bool, concurrency: int) -> int:
         return 1
     finally:
         for _, proc in reversed(children):  # flower, beat, api, then the worker
-            _stop_child(proc, 20)
+            proc.stop(20)
         if rd is not None:
             rd.stop()
         if pg is not None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -25,6 +22,7 @@ import psycopg
 import pytest
 import redis
 
+from workers.children import Child
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,38 +150,11 @@ def rds(services: Services) -> redis.Redis:
     return redis.Redis.from_url(services.redis_url, decode_responses=True)
 
 
-class Proc:
-    """A warden child process (worker, api, ...) in its own process group."""
+class Proc(Child):
+    """A `warden` child of the tests (see workers.children)."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.log = args, log
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *args], env=env, cwd=ROOT,
-            stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+        super().__init__(["-m", "cli.main", *args], env, log, cwd=ROOT)
 
 
 def start_worker(services: Services, name: str, *, concurrency: int = 2,
