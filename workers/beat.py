@@ -7,7 +7,7 @@ which the deterministic idempotency key `<entry>:<slot>` gives.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,6 +26,21 @@ def slot_key(entry: Entry, when: datetime | None = None) -> str:
     tz = ZoneInfo(get_settings().timezone)
     when = (when or datetime.now(tz)).astimezone(tz)
     return f"{entry.name}:{when.strftime(entry.slot_format)}"
+
+
+def scheduled_time(entry: Any) -> datetime | None:
+    """When the firing entry was due by its schedule (not when beat got to it), so a late
+    or repeated firing of one slot gets that slot's key. None before the first run."""
+    last = getattr(entry, "last_run_at", None)
+    schedule = getattr(entry, "schedule", None)
+    if last is None or not isinstance(schedule, crontab):
+        return None
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    # (start, delta, now): the first fire time after `last` is start + delta.
+    start, delta, _ = schedule.remaining_delta(last)
+    due: datetime = start + delta
+    return due
 
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
@@ -55,7 +70,7 @@ class WardenScheduler(RedBeatScheduler):
         spec = next((e for e in SCHEDULE if e.name == entry.name), None)
         if spec is None:  # an entry added by hand in Redis: fire it the plain way
             return super().apply_async(entry, producer, advance, **_)
-        key = slot_key(spec)
+        key = slot_key(spec, scheduled_time(entry))
         try:
             sub = submit(spec.task, spec.params, idempotency_key=key, expires=spec.expires,
                          source="beat")

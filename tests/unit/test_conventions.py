@@ -43,3 +43,21 @@ def test_every_beat_entry_names_a_registered_task_and_expires() -> None:
     for name, spec in beat_schedule().items():
         assert isinstance(spec["schedule"], crontab), name
         assert spec["options"]["expires"] > 0
+
+
+def test_slot_key_is_the_scheduled_slot_not_the_firing_time() -> None:
+    from datetime import UTC, datetime
+
+    from workers.beat import scheduled_time, slot_key
+
+    entry = SCHEDULE[0]  # every 5 minutes, minute slots
+
+    class Fired:
+        schedule = crontab(**entry.cron)
+        last_run_at = datetime(2026, 11, 23, 10, 5, 2, tzinfo=UTC)
+
+    # the run after 10:05:02 is due at 10:10, whenever beat gets to it (late, or twice)
+    due = scheduled_time(Fired())
+    assert due is not None
+    assert slot_key(entry, due) == f"{entry.name}:2026-11-23T10:10"
+    assert scheduled_time(object()) is None
