@@ -1,8 +1,8 @@
 """JobTask: the base every Warden task runs on.
 
 Per delivery: take the job's lease (one runner at a time, even with duplicate messages),
-claim the job_runs row (attempts+1; a finished job is not run again), take the type's
-singleton lease if it has one, run, and record succeeded/failed/retrying/dead.
+take the type's singleton lease if it has one, claim the job_runs row (attempts+1; a
+finished job is not run again), run, and record succeeded/failed/retrying/dead.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class JobTask(Task):
         return self.params.model_validate(raw or {})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raw = kwargs.get("params", kwargs) if not args else (args[0] if args else {})
+        # The message carries {"params": {...}}; `celery call` users may pass them bare.
+        raw = args[0] if args else kwargs.get("params", kwargs)
         if isinstance(raw, BaseModel):
             raw = raw.model_dump(mode="json")
         if self.request.called_directly or self.request.id is None:
