@@ -130,6 +130,9 @@ def test_whole_worker_killed_job_comes_back_after_visibility_timeout(
             app.send_task("testing.sleep_effect", kwargs={"params": {"seconds": 4}},
                           task_id=job_id, connection=conn)
         wait_for_status(job_id, {"running"}, timeout=20)
+        deadline = time.monotonic() + 10
+        while _starts(db, job_id) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the task body has begun (its start row is committed)
         # when the whole worker (main process and pool) is SIGKILLed, as when a node dies
         os.killpg(proc.pid, signal.SIGKILL)
         time.sleep(13)  # past the visibility timeout: the unacked message may be restored
