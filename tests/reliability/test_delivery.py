@@ -30,6 +30,13 @@ def _effects(db: psycopg.Connection, job_id: str) -> int:
     return int(row[0])
 
 
+def _wait_for_start(db: psycopg.Connection, job_id: str) -> None:
+    """Until the task body has begun (its start row is committed), so a kill hits mid-job."""
+    deadline = time.monotonic() + 10
+    while _starts(db, job_id) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _assert_second_run_succeeded_effect_once(db: psycopg.Connection, job_id: str) -> None:
     done = wait_for_status(job_id, {"succeeded", "failed", "dead"}, timeout=60)
     assert done["status"] == "succeeded", done
@@ -71,7 +78,7 @@ def test_sigkill_mid_job_redelivers_and_succeeds_once(
                                            "params": {"seconds": 4}})
         job_id = r.json()["id"]
         wait_for_status(job_id, {"running"}, timeout=20)
-        time.sleep(0.5)
+        _wait_for_start(db, job_id)
         # when the process executing it is SIGKILLed mid-job
         row = db.execute("SELECT pid FROM test_starts WHERE job_id=%s", (job_id,)).fetchone()
         assert row is not None
@@ -130,9 +137,7 @@ def test_whole_worker_killed_job_comes_back_after_visibility_timeout(
             app.send_task("testing.sleep_effect", kwargs={"params": {"seconds": 4}},
                           task_id=job_id, connection=conn)
         wait_for_status(job_id, {"running"}, timeout=20)
-        deadline = time.monotonic() + 10
-        while _starts(db, job_id) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the task body has begun (its start row is committed)
+        _wait_for_start(db, job_id)
         # when the whole worker (main process and pool) is SIGKILLed, as when a node dies
         os.killpg(proc.pid, signal.SIGKILL)
         time.sleep(13)  # past the visibility timeout: the unacked message may be restored
