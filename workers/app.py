@@ -59,6 +59,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 10,
+            **({"global_keyprefix": settings.broker_key_prefix}
+               if settings.broker_key_prefix else {}),
         },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a worker waits out a Redis outage

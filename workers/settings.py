@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     flower_password: SecretStr | None = None
     timezone: str = "UTC"
     log_level: str = "INFO"
+    # Prefix for every broker key in Redis, so deployments (or test runs) can share one
+    # Redis database without seeing each other's queues.
+    broker_key_prefix: str = Field("", max_length=100)
     # Extra task modules for the worker (the test suite's fault-injection jobs).
     extra_task_modules: list[str] = Field(default_factory=list)
 

@@ -11,6 +11,7 @@ import httpx
 import psycopg
 import pytest
 import redis
+from kombu import Connection
 
 from tests.conftest import Proc, Services, start_worker, wait_for_status
 from workers.app import app
@@ -120,20 +121,19 @@ def test_transient_errors_end_dead_and_operator_retry_brings_it_back(
 def test_whole_worker_killed_job_comes_back_after_visibility_timeout(
     services: Services, client: httpx.Client, db: psycopg.Connection
 ) -> None:
-    # given a worker whose Redis visibility timeout is 12 s (hard limit 10 s), on a Redis DB
-    # of its own so that no other test's worker can take its job, running a job
-    base, _, db_index = services.redis_url.rpartition("/")
-    own_redis = f"{base}/{(int(db_index or 0) + 1) % 16}"
-    redis.Redis.from_url(own_redis).flushdb()
+    # given a worker whose Redis visibility timeout is 12 s (hard limit 10 s), with broker
+    # keys of its own so that no other test's worker can take its job, running a job
+    prefix = f"killtest-{uuid.uuid4().hex[:8]}:"
     env = {"WARDEN_TASK_TIME_LIMIT": "10", "WARDEN_TASK_SOFT_TIME_LIMIT": "8",
-           "WARDEN_VISIBILITY_TIMEOUT": "12", "WARDEN_REDIS_URL": own_redis}
+           "WARDEN_VISIBILITY_TIMEOUT": "12", "WARDEN_BROKER_KEY_PREFIX": prefix}
     proc = start_worker(services, "node", concurrency=1, env=env)
     replacement: Proc | None = None
     try:
         job_id = str(uuid.uuid4())
         db.execute("INSERT INTO job_runs (id, type, params, published_at) VALUES "
                    "(%s, 'testing.sleep_effect', '{\"seconds\": 4}', now())", (job_id,))
-        with app.connection_for_write(own_redis) as conn:
+        options = dict(app.conf.broker_transport_options, global_keyprefix=prefix)
+        with Connection(services.redis_url, transport_options=options) as conn:
             app.send_task("testing.sleep_effect", kwargs={"params": {"seconds": 4}},
                           task_id=job_id, connection=conn)
         wait_for_status(job_id, {"running"}, timeout=20)
