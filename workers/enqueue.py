@@ -360,12 +360,3 @@ class Relay:
         if self._thread is not None:
             self._thread.join(5)
 
-
-def pending_count() -> int:
-    """Jobs accepted but not yet confirmed published (the outbox depth)."""
-    with session_scope() as s:
-        return int(
-            s.execute(
-                text("SELECT count(*) FROM job_runs WHERE status='queued' AND published_at IS NULL")
-            ).scalar_one()
-        )

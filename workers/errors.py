@@ -25,6 +25,3 @@ class JobError(Exception):
 class TransientError(Exception):
     """Raise from a job to ask for a retry with backoff (a dependency hiccup)."""
 
-
-class JobCancelled(Exception):
-    """The job was cancelled before it ran."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -237,9 +236,3 @@ def describe(exc: BaseException) -> str:
 def _worker_name(request: Any) -> str:
     return f"{request.hostname or socket.gethostname()}:{os.getpid()}"
 
-
-def iter_job_types() -> Iterator[tuple[str, JobTask]]:
-    """(name, task) for every registered job type."""
-    from workers.app import registered_job_tasks
-
-    yield from registered_job_tasks().items()

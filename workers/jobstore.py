@@ -173,6 +173,14 @@ def list_jobs(
         ).mappings().all())
 
 
+def pending_count() -> int:
+    """Jobs accepted but not yet confirmed published (the outbox depth)."""
+    with session_scope() as s:
+        return int(s.execute(text(
+            "SELECT count(*) FROM job_runs WHERE status='queued' AND published_at IS NULL"
+        )).scalar_one())
+
+
 def get(job_id: str | uuid.UUID) -> RowMapping | None:
     """One job row as a mapping, or None."""
     with session_scope() as s:

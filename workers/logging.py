@@ -55,7 +55,3 @@ def configure(level: str = "INFO", *, json: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
-
-def get_logger(name: str) -> Any:
-    """A structlog logger; bind job fields with structlog.contextvars."""
-    return structlog.get_logger(name)

@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 
+from workers import jobstore
 from workers.db import session_scope
 
 REGISTRY = CollectorRegistry()
@@ -49,9 +50,7 @@ class JobTableCollector(Collector):
                         text("SELECT status, type, count(*) AS n FROM job_runs GROUP BY 1, 2")
                     )
                 ]
-                pending = int(s.execute(text(
-                    "SELECT count(*) FROM job_runs WHERE status='queued' AND published_at IS NULL"
-                )).scalar_one())
+            pending = jobstore.pending_count()
             self._cache = (time.monotonic() + self.ttl, rows, pending)
             return rows, pending
 
