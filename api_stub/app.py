@@ -7,10 +7,12 @@ clients, and FastAPI runs sync endpoints in its thread pool.
 from __future__ import annotations
 
 import base64
+import importlib
 import json
+import pkgutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
@@ -18,15 +20,14 @@ from typing import Annotated, Any
 import psycopg
 import sqlalchemy.exc
 import structlog
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
-from starlette.concurrency import run_in_threadpool
 
+from api_stub.auth import require
 from api_stub.middleware import BodyLimit, Observe
 from api_stub.schemas import KEY_PATTERN, JobIn, JobOut, JobPage, JobTypeOut
 from workers import jobstore, metrics
@@ -48,7 +49,6 @@ from workers.settings import get_settings
 from workers.tokens import TokenCache
 
 log = structlog.get_logger("warden.api")
-bearer = HTTPBearer(auto_error=False)
 
 
 def _field_errors(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
@@ -84,28 +84,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         description="Enqueue and watch the maintenance jobs of the character service.",
         lifespan=lifespan,
     )
-
-    # -- auth -------------------------------------------------------------------------------
-
-    def require(scope: str) -> Callable[..., Awaitable[frozenset[str]]]:
-        async def check(
-            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-        ) -> frozenset[str]:
-            if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-                raise HTTPException(401, "missing bearer token",
-                                    headers={"WWW-Authenticate": "Bearer"})
-            # On the event loop from the cache; a miss goes to the database in the pool.
-            found, scopes = token_cache.cached(creds.credentials)
-            if not found:
-                scopes = await run_in_threadpool(token_cache.scopes, creds.credentials)
-            if scopes is None:
-                raise HTTPException(401, "invalid or revoked token",
-                                    headers={"WWW-Authenticate": "Bearer"})
-            if scope not in scopes and "admin" not in scopes:
-                raise HTTPException(403, f"this token lacks the {scope!r} scope")
-            return scopes
-
-        return check
+    app.state.token_cache = token_cache
 
     # -- errors: a client never gets a 500 for what it sent ------------------------------------
 
@@ -272,9 +251,22 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         """Prometheus exposition."""
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    for router in family_routers():
+        app.include_router(router)
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit)
     return app
+
+
+def family_routers() -> list[APIRouter]:
+    """`router` of every module in api_stub/routes/ (a family's endpoints)."""
+    import api_stub.routes as pkg
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"api_stub.routes.{info.name}")
+        found.append(module.router)
+    return found
 
 
 def _operate(op: Callable[[uuid.UUID], Any], job_id: uuid.UUID) -> Any:

@@ -257,6 +257,22 @@ def seed(characters: int, violations: float, rng_seed: int) -> None:
     click.echo(json.dumps({**counts, "seconds": round(time.monotonic() - started, 1)}))
 
 
+def _add_family_commands() -> None:
+    """`COMMANDS` of every module in cli/commands/ (a family's commands)."""
+    import importlib
+    import pkgutil
+
+    import cli.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"cli.commands.{info.name}")
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_add_family_commands()
+
+
 def main() -> None:
     """Entry point: turn the expected failures into one line and a non-zero exit."""
     import sqlalchemy.exc

@@ -7,8 +7,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     DateTime,
+    ForeignKey,
+    Identity,
     Index,
     Integer,
     String,
@@ -21,8 +24,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from workers.db import Base
 
-JOB_STATUSES = ("queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled")
+JOB_STATUSES = (
+    "queued", "running", "retrying", "waiting", "succeeded", "failed", "dead", "cancelled",
+)
 FINAL_STATUSES = frozenset({"succeeded", "failed", "dead", "cancelled"})
+UNFINISHED_STATUSES = frozenset({"queued", "running", "retrying", "waiting"})
 RETRYABLE_BY_OPERATOR = frozenset({"failed", "dead"})
 SCOPES = ("read", "enqueue", "admin")
 
@@ -32,6 +38,12 @@ class JobRun(Base):
 
     `published_at` NULL on a queued job means the broker never confirmed it (the outbox
     relay publishes it). `id` is also the Celery task id.
+
+    Ownership (ADR 0007): a claim sets `owner`, `lease_expires_at` and a new `epoch`; the
+    owner heartbeats the lease; every outcome write and fenced effect is conditional on the
+    epoch. `delivered_at` marks the last claim, so the relay can tell a lost message from one
+    still waiting in the queue. A parent job (fan-out) waits in `waiting` until
+    `children_pending` reaches 0 (a trigger counts its children's final statuses).
     """
 
     __tablename__ = "job_runs"
@@ -63,21 +75,40 @@ class JobRun(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
     manual_retries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("job_runs.id", ondelete="CASCADE")
+    )
+    children_total: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    children_pending: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     __table_args__ = (
         CheckConstraint(
             "status IN (" + ",".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"
         ),
         CheckConstraint("attempts >= 0", name="attempts"),
+        CheckConstraint("children_pending >= 0 AND children_pending <= children_total",
+                        name="children"),
         Index("ix_job_runs_status_created", "status", "created_at"),
         Index("ix_job_runs_type_created", "type", "created_at"),
         Index("ix_job_runs_created_id", "created_at", "id"),
-        # The relay's scan: only the few rows that still await a publish.
-        Index(
-            "ix_job_runs_unpublished",
-            "created_at",
-            postgresql_where=text("published_at IS NULL AND status = 'queued'"),
-        ),
+        # Partial indexes over the unfinished statuses (migration 0002, and
+        # docs/job-table-at-scale.md for their plans at 10M rows).
+        Index("ix_job_runs_unpublished", "updated_at", postgresql_where=text(
+            "published_at IS NULL AND status IN ('queued','retrying')")),
+        Index("ix_job_runs_undelivered", "published_at", postgresql_where=text(
+            "delivered_at IS NULL AND published_at IS NOT NULL "
+            "AND status IN ('queued','retrying')")),
+        Index("ix_job_runs_running_lease", "lease_expires_at",
+              postgresql_where=text("status = 'running'")),
+        Index("ix_job_runs_unfinished", "status", "type", "created_at", postgresql_where=text(
+            "status IN ('queued','running','retrying','waiting') OR status = 'dead'")),
+        Index("ix_job_runs_parent", "parent_id", "created_at",
+              postgresql_where=text("parent_id IS NOT NULL")),
     )
 
 
@@ -95,3 +126,20 @@ class ApiToken(Base):
     )
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class OperatorAction(Base):
+    """What an operator did, to how many jobs or rows, and why (who: the token's name)."""
+
+    __tablename__ = "operator_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
+    )
+    actor: Mapped[str] = mapped_column(String(100), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    target: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONB)

@@ -7,9 +7,11 @@ brute-force, and the API checks one on every request.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
 from sqlalchemy import text
 
@@ -74,38 +76,70 @@ def revoke_token(name: str) -> bool:
     return bool(getattr(res, "rowcount", 0))
 
 
+TOKEN_SHAPE = re.compile(r"^wdn_[A-Za-z0-9_-]{8,200}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's name (the operator log's "who") and its scopes."""
+
+    name: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
 class TokenCache:
-    """Scopes by token hash for `ttl` seconds, so auth is not a query on every request.
-    The cost: a revoked token keeps working for up to `ttl` in each API process."""
+    """Principals by token hash for `ttl` seconds, so auth is not a query on every request.
+    The cost: a revoked token keeps working for up to `ttl` in each API process.
+
+    An unknown token costs no write and, once seen, no query for a while (negative cache);
+    a string that is not token-shaped never reaches the database at all, so a flood of bad
+    tokens cannot exhaust the connection pool.
+    """
+
+    NEGATIVE_SECONDS = 5.0
+    LAST_USED_EVERY = 60.0  # last_used_at is a hint for operators, not an audit trail
+    MAX_ENTRIES = 10_000
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._entries: dict[str, tuple[float, frozenset[str] | None]] = {}
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def cached(self, token: str) -> tuple[bool, frozenset[str] | None]:
-        """(found, scopes) from memory only: safe to call on the event loop."""
+    def cached(self, token: str) -> tuple[bool, Principal | None]:
+        """(found, principal) from memory only: safe to call on the event loop."""
+        if not TOKEN_SHAPE.match(token):
+            return True, None
         hit = self._entries.get(hash_token(token))
         if hit is not None and hit[0] > time.monotonic():
             return True, hit[1]
         return False, None
 
-    def scopes(self, token: str) -> frozenset[str] | None:
-        """The token's scopes, or None for an unknown or revoked token (may query)."""
-        found, scopes = self.cached(token)
+    def lookup(self, token: str) -> Principal | None:
+        """The token's principal, or None for an unknown or revoked token (may query)."""
+        found, principal = self.cached(token)
         if found:
-            return scopes
+            return principal
         digest = hash_token(token)
         now = time.monotonic()
         with session_scope() as s:
             row = s.execute(
-                text("UPDATE api_tokens SET last_used_at=now() "
-                     "WHERE token_hash=:h AND revoked_at IS NULL RETURNING scopes"),
+                text("SELECT name, scopes FROM api_tokens "
+                     "WHERE token_hash=:h AND revoked_at IS NULL"),
                 {"h": digest},
             ).first()
-        scopes = frozenset(row.scopes) if row else None
+            if row is not None and self._touched.get(digest, 0.0) < now - self.LAST_USED_EVERY:
+                s.execute(text("UPDATE api_tokens SET last_used_at=now() WHERE token_hash=:h"),
+                          {"h": digest})
+                self._touched[digest] = now
+        principal = Principal(row.name, frozenset(row.scopes)) if row else None
+        ttl = self.ttl if principal is not None else max(self.ttl, self.NEGATIVE_SECONDS)
         with self._lock:
-            if len(self._entries) > 10_000:
+            if len(self._entries) > self.MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[digest] = (now + self.ttl, scopes)
-        return scopes
+                self._touched.clear()
+            self._entries[digest] = (now + ttl, principal)
+        return principal

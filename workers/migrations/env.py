@@ -2,6 +2,8 @@
 import domain/), so autogenerate still sees every table."""
 
 import importlib
+import importlib.util
+import pkgutil
 
 from alembic import context
 from sqlalchemy import create_engine, pool
@@ -9,7 +11,19 @@ from sqlalchemy import create_engine, pool
 from workers.db import Base
 from workers.settings import get_settings, normalize_db_url
 
-for module in ("workers.models", "domain.models"):
+
+def _model_modules() -> list[str]:
+    """The platform's and domain's models, and every family's `tasks/<family>/models.py`."""
+    found = ["workers.models", "domain.models"]
+    spec = importlib.util.find_spec("tasks")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for info in pkgutil.iter_modules(locations):
+        if info.ispkg and importlib.util.find_spec(f"tasks.{info.name}.models") is not None:
+            found.append(f"tasks.{info.name}.models")
+    return found
+
+
+for module in _model_modules():
     importlib.import_module(module)
 
 target_metadata = Base.metadata

@@ -1,0 +1,139 @@
+"""job ownership (epoch, owner, lease), delivery marks, fan-out, progress, operator log
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-01 20:15:00
+
+Ownership moves into Postgres: the claim gives a job an owner, a lease expiry and a new
+epoch; every outcome write and every fenced effect is conditional on that epoch.
+Fan-out (parent/child jobs) and the operator log are core features every family shares.
+"""
+from alembic import op
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+revision = '0002'
+down_revision = '0001'
+branch_labels = None
+depends_on = None
+
+OLD_STATUSES = "('queued','running','retrying','succeeded','failed','dead','cancelled')"
+NEW_STATUSES = "('queued','running','retrying','waiting','succeeded','failed','dead','cancelled')"
+UNFINISHED = "('queued','running','retrying','waiting')"
+FINAL = "('succeeded','failed','dead','cancelled')"
+
+# A child's move into or out of a final status adjusts its parent's count of unfinished
+# children, whichever code path (worker, operator, SQL) made it. The last child to finish
+# puts a waiting parent back in the queue (published_at NULL: the relay sends it), where
+# its task runs again and reads the children's results.
+CHILD_TRIGGER = f"""
+CREATE OR REPLACE FUNCTION warden_child_status() RETURNS trigger AS $$
+BEGIN
+    IF NEW.status IN {FINAL} AND OLD.status NOT IN {FINAL} THEN
+        UPDATE job_runs SET
+            children_pending = children_pending - 1,
+            status = CASE WHEN children_pending = 1 AND status = 'waiting'
+                          THEN 'queued' ELSE status END,
+            published_at = CASE WHEN children_pending = 1 AND status = 'waiting'
+                                THEN NULL ELSE published_at END,
+            delivered_at = CASE WHEN children_pending = 1 AND status = 'waiting'
+                                THEN NULL ELSE delivered_at END
+        WHERE id = NEW.parent_id;
+    ELSIF OLD.status IN {FINAL} AND NEW.status NOT IN {FINAL} THEN
+        -- an operator retried a finished child: its parent waits for it again
+        UPDATE job_runs SET
+            children_pending = children_pending + 1,
+            status = CASE WHEN status IN {FINAL} OR status = 'queued' THEN 'waiting'
+                          ELSE status END,
+            finished_at = NULL
+        WHERE id = NEW.parent_id AND children_total > 0;
+    END IF;
+    RETURN NULL;
+END;
+$$ LANGUAGE plpgsql
+"""
+
+
+def upgrade() -> None:
+    op.add_column('job_runs', sa.Column('epoch', sa.BigInteger(), server_default='0',
+                                        nullable=False))
+    op.add_column('job_runs', sa.Column('owner', sa.String(length=200), nullable=True))
+    op.add_column('job_runs', sa.Column('lease_expires_at', sa.DateTime(timezone=True),
+                                        nullable=True))
+    op.add_column('job_runs', sa.Column('delivered_at', sa.DateTime(timezone=True),
+                                        nullable=True))
+    op.add_column('job_runs', sa.Column('parent_id', sa.UUID(), nullable=True))
+    op.add_column('job_runs', sa.Column('children_total', sa.Integer(), server_default='0',
+                                        nullable=False))
+    op.add_column('job_runs', sa.Column('children_pending', sa.Integer(), server_default='0',
+                                        nullable=False))
+    op.add_column('job_runs', sa.Column('progress', postgresql.JSONB(astext_type=sa.Text()),
+                                        nullable=True))
+    op.create_foreign_key('fk_job_runs_parent_id_job_runs', 'job_runs', 'job_runs',
+                          ['parent_id'], ['id'], ondelete='CASCADE')
+    op.drop_constraint('ck_job_runs_status', 'job_runs', type_='check')
+    op.create_check_constraint('ck_job_runs_status', 'job_runs', f"status IN {NEW_STATUSES}")
+    op.create_check_constraint('ck_job_runs_children', 'job_runs',
+                               'children_pending >= 0 AND children_pending <= children_total')
+
+    # Partial indexes over the unfinished statuses: the relay's and the gauges' queries stay
+    # index scans over the few unfinished rows however many finished ones the table holds
+    # (docs/job-table-at-scale.md has the plans at 10M rows).
+    op.drop_index('ix_job_runs_unpublished', table_name='job_runs')
+    op.create_index('ix_job_runs_unpublished', 'job_runs', ['updated_at'],
+                    postgresql_where=sa.text(
+                        "published_at IS NULL AND status IN ('queued','retrying')"))
+    op.create_index('ix_job_runs_undelivered', 'job_runs', ['published_at'],
+                    postgresql_where=sa.text(
+                        "delivered_at IS NULL AND published_at IS NOT NULL "
+                        "AND status IN ('queued','retrying')"))
+    op.create_index('ix_job_runs_running_lease', 'job_runs', ['lease_expires_at'],
+                    postgresql_where=sa.text("status = 'running'"))
+    op.create_index('ix_job_runs_unfinished', 'job_runs', ['status', 'type', 'created_at'],
+                    postgresql_where=sa.text(f"status IN {UNFINISHED} OR status = 'dead'"))
+    op.create_index('ix_job_runs_parent', 'job_runs', ['parent_id', 'created_at'],
+                    postgresql_where=sa.text("parent_id IS NOT NULL"))
+
+    op.execute(CHILD_TRIGGER)
+    op.execute(
+        "CREATE TRIGGER trg_job_runs_child_status AFTER UPDATE OF status ON job_runs "
+        "FOR EACH ROW WHEN (NEW.parent_id IS NOT NULL AND OLD.status IS DISTINCT FROM "
+        "NEW.status) EXECUTE FUNCTION warden_child_status()"
+    )
+
+    op.create_table(
+        'operator_log',
+        sa.Column('id', sa.BigInteger(), sa.Identity(), nullable=False),
+        sa.Column('at', sa.DateTime(timezone=True), server_default=sa.text('now()'),
+                  nullable=False),
+        sa.Column('actor', sa.String(length=100), nullable=False),
+        sa.Column('action', sa.String(length=64), nullable=False),
+        sa.Column('target', sa.String(length=200), nullable=True),
+        sa.Column('reason', sa.Text(), nullable=False),
+        sa.Column('count', sa.Integer(), server_default='0', nullable=False),
+        sa.Column('details', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+        sa.PrimaryKeyConstraint('id', name=op.f('pk_operator_log')),
+    )
+    op.create_index('ix_operator_log_at', 'operator_log', ['at'])
+
+
+def downgrade() -> None:
+    op.drop_index('ix_operator_log_at', table_name='operator_log')
+    op.drop_table('operator_log')
+    op.execute("DROP TRIGGER IF EXISTS trg_job_runs_child_status ON job_runs")
+    op.execute("DROP FUNCTION IF EXISTS warden_child_status()")
+    op.drop_index('ix_job_runs_parent', table_name='job_runs')
+    op.drop_index('ix_job_runs_unfinished', table_name='job_runs')
+    op.drop_index('ix_job_runs_running_lease', table_name='job_runs')
+    op.drop_index('ix_job_runs_undelivered', table_name='job_runs')
+    op.drop_index('ix_job_runs_unpublished', table_name='job_runs')
+    op.create_index('ix_job_runs_unpublished', 'job_runs', ['created_at'],
+                    postgresql_where=sa.text("published_at IS NULL AND status = 'queued'"))
+    op.drop_constraint('ck_job_runs_children', 'job_runs', type_='check')
+    op.drop_constraint('ck_job_runs_status', 'job_runs', type_='check')
+    op.execute("UPDATE job_runs SET status = 'queued' WHERE status = 'waiting'")
+    op.create_check_constraint('ck_job_runs_status', 'job_runs', f"status IN {OLD_STATUSES}")
+    op.drop_constraint('fk_job_runs_parent_id_job_runs', 'job_runs', type_='foreignkey')
+    for col in ('progress', 'children_pending', 'children_total', 'parent_id',
+                'delivered_at', 'lease_expires_at', 'owner', 'epoch'):
+        op.drop_column('job_runs', col)
