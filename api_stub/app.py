@@ -34,17 +34,18 @@ from workers import jobstore, metrics
 from workers.db import AsyncPool, PoolTimeout, session_scope
 from workers.enqueue import (
     IdempotencyConflict,
-    Relay,
+    InvalidCountdown,
     UnknownJobType,
     UnstorableParams,
     job_types,
     prepare,
-    publish,
+    publisher,
     submit_async,
 )
 from workers.jobs import describe
 from workers.models import JOB_STATUSES
 from workers.redis_client import get_redis
+from workers.relay import Relay
 from workers.settings import get_settings
 from workers.tokens import TokenCache
 
@@ -150,6 +151,9 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         except UnstorableParams as exc:
             return _unprocessable([{"loc": ["body", "params"], "msg": str(exc),
                                     "type": "value_error"}])
+        except InvalidCountdown as exc:
+            return _unprocessable([{"loc": ["body", "countdown"], "msg": str(exc),
+                                    "type": "value_error"}])
         except IdempotencyConflict as exc:
             raise HTTPException(409, str(exc)) from exc
         if not sub.created:
@@ -163,7 +167,10 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         row = jobstore.get(job_id)
         if row is None:
             raise HTTPException(404, f"no job {job_id}")
-        return JobOut.from_row(row)
+        out = JobOut.from_row(row)
+        if out.children_total:
+            out.children = jobstore.children_summary(job_id)
+        return out
 
     @app.get("/v1/jobs", response_model=JobPage,
               dependencies=[Depends(require("read"))])
@@ -172,8 +179,10 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         type: Annotated[str | None, Query(max_length=100)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=200)] = None,
+        parent_id: uuid.UUID | None = None,
     ) -> Any:
-        """Newest first; pass next_cursor back to get the next page."""
+        """Newest first; pass next_cursor back to get the next page. `parent_id` lists a
+        fanned-out job's children."""
         before = None
         if cursor:
             try:
@@ -183,7 +192,8 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
                 return _unprocessable([{"loc": ["query", "cursor"], "msg": "invalid cursor",
                                         "type": "value_error"}])
         # One row more than asked tells whether there is a next page.
-        rows = jobstore.list_jobs(status=status, job_type=type, limit=limit + 1, before=before)
+        rows = jobstore.list_jobs(status=status, job_type=type, parent_id=parent_id,
+                                  limit=limit + 1, before=before)
         items = [JobOut.from_row(r) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
@@ -198,7 +208,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     def retry_job(job_id: uuid.UUID) -> Any:
         """Run a failed or dead job again with a fresh attempt budget (409 otherwise)."""
         row = _operate(jobstore.operator_retry, job_id)
-        publish(row["id"], row["type"], row["params"])
+        publisher.submit(row["id"], row["type"], row["params"])
         log.info("job.retry_requested", job_id=str(job_id))
         return JobOut.from_row(jobstore.get(job_id))
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_COUNTDOWN = 3600  # == workers.enqueue.MAX_COUNTDOWN (below the visibility timeout)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: safe in headers and logs
 
 
@@ -19,7 +20,7 @@ class JobIn(BaseModel):
     type: str = Field(..., min_length=1, max_length=100, examples=["platform.ping"])
     params: dict[str, Any] = Field(default_factory=dict, examples=[{"echo": "hello"}])
     idempotency_key: str | None = Field(None, pattern=KEY_PATTERN)
-    countdown: float | None = Field(None, ge=0, le=3600, description="seconds to wait")
+    countdown: float | None = Field(None, ge=0, le=MAX_COUNTDOWN, description="seconds to wait")
 
 
 class JobErrorOut(BaseModel):
@@ -50,10 +51,20 @@ class JobOut(BaseModel):
     error: JobErrorOut | None
     worker: str | None
     manual_retries: int
+    epoch: int = Field(0, description="ownership epoch: +1 at every claim")
+    lease_expires_at: datetime | None = None
+    delivered_at: datetime | None = None
+    parent_id: uuid.UUID | None = None
+    children_total: int = 0
+    children_pending: int = 0
+    children: dict[str, int] | None = Field(None, description="children by status (GET one)")
+    progress: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> JobOut:
         data = dict(row)
+        if not isinstance(data.get("params"), dict):  # a bare `celery call` payload
+            data["params"] = {"_raw": data.get("params")}
         code, message = data.pop("error_code"), data.pop("error_message")
         data["error"] = JobErrorOut(code=code, message=message) if code or message else None
         return cls.model_validate(data)

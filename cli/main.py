@@ -53,12 +53,13 @@ def up(no_demo: bool, concurrency: int) -> None:
 @click.option("--concurrency", "-c", default=2, show_default=True)
 @click.option("--name", "-n", default="warden@%h", show_default=True, help="node name")
 @click.option("--loglevel", "-l", default="INFO")
-@click.option("--pool", default="prefork", type=click.Choice(["prefork", "solo", "threads"]))
-def worker(concurrency: int, name: str | None, loglevel: str, pool: str) -> None:
-    """One Celery worker (production: run as many as you need)."""
+def worker(concurrency: int, name: str | None, loglevel: str) -> None:
+    """One Celery worker (production: run as many as you need). Prefork only: the other
+    pools enforce no time limits and run several jobs in one process."""
     from workers.app import QUEUE, app
 
-    argv = ["worker", "-l", loglevel, "-Q", QUEUE, "-c", str(concurrency), "-P", pool, "-E"]
+    argv = ["worker", "-l", loglevel, "-Q", QUEUE, "-c", str(concurrency), "-P", "prefork",
+            "-E"]
     if name:
         argv += ["-n", name]
     app.worker_main(argv)
@@ -71,6 +72,21 @@ def beat(loglevel: str) -> None:
     from workers.app import app
 
     app.start(["beat", "-l", loglevel])
+
+
+@cli.command()
+def relay() -> None:
+    """The relay on its own (it also runs inside every API, worker and beat process; one
+    is active at a time): publishes lost, unpublished and stalled jobs."""
+    from workers import logging as wlogging
+    from workers.relay import Relay
+
+    wlogging.configure(get_settings().log_level)
+    try:
+        for _ in Relay().run_forever():
+            pass
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()
@@ -151,15 +167,20 @@ def token_revoke(name: str) -> None:
 
 def _job_json(row: Any) -> str:
     from api_stub.schemas import JobOut
+    from workers import jobstore
 
-    return JobOut.from_row(row).model_dump_json(indent=2)
+    out = JobOut.from_row(row)
+    if out.children_total:
+        out.children = jobstore.children_summary(out.id)
+    return out.model_dump_json(indent=2)
 
 
 @cli.command()
 @click.argument("job_type")
 @click.option("--param", "-p", "params", multiple=True, help="key=value (value may be JSON)")
 @click.option("--key", default=None, help="idempotency key")
-@click.option("--countdown", default=None, type=float)
+@click.option("--countdown", default=None, type=click.FloatRange(0, 3600),
+              help="seconds to wait before the job may run (0..3600)")
 @click.option("--wait", is_flag=True, help="wait for the job to finish; exit 1 unless it succeeds")
 @click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
 def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: float | None,
@@ -168,7 +189,13 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
     from pydantic import ValidationError
 
     from workers import jobstore
-    from workers.enqueue import IdempotencyConflict, UnknownJobType, UnstorableParams, submit
+    from workers.enqueue import (
+        IdempotencyConflict,
+        InvalidCountdown,
+        UnknownJobType,
+        UnstorableParams,
+        submit,
+    )
 
     values = dict(parse_param(p) for p in params)
     try:
@@ -178,7 +205,7 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
     except ValidationError as exc:
         first = exc.errors()[0]
         fail(f"param {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", 2)
-    except (IdempotencyConflict, UnstorableParams) as exc:
+    except (IdempotencyConflict, UnstorableParams, InvalidCountdown) as exc:
         fail(str(exc), 2)
     job_id = sub.job["id"]
     if not wait:

@@ -71,7 +71,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # an unfinished job's message stays unacked and is delivered again.
         "worker_soft_shutdown_timeout": 10.0,
         "worker_enable_soft_shutdown_on_idle": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A dropped broker connection (a client kill, a failover) must not SIGTERM every
+        # running job: they finish and record their outcomes in Postgres; a message that
+        # comes back meanwhile is a duplicate, which the claim makes a no-op.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -86,7 +89,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Beat: RedBeat keeps the schedule and its lock in Redis (two beats are safe).
         "beat_scheduler": "workers.beat:WardenScheduler",
         "redbeat_redis_url": redis_url,
-        "redbeat_key_prefix": "warden:redbeat:",
+        # Under the deployment's prefix like every other key (RedBeat's lock included).
+        "redbeat_key_prefix": f"{settings.broker_key_prefix}warden:redbeat:",
         "redbeat_lock_timeout": 60,
         "redbeat_redis_options": {"socket_connect_timeout": 2, "socket_timeout": 10,
                                   "retry_on_timeout": True, "health_check_interval": 10},
@@ -102,6 +106,61 @@ app.add_defaults(lambda: celery_config(get_settings()))
 def _child_init(**kwargs: Any) -> None:
     """In each pool child: fresh DB pool (never the parent's sockets)."""
     db.dispose_after_fork(**kwargs)
+
+
+SUPPORTED_POOLS = ("prefork",)
+
+
+@signals.worker_init.connect
+def _check_pool(sender: Any = None, **_: Any) -> None:
+    """Only prefork enforces time limits and gives each job its own process (the owner
+    token names a process): threads/solo/gevent pools are refused with a clear message."""
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}"
+    if pool is not None and "prefork" not in name:
+        raise SystemExit(
+            f"error: the {name!r} pool is not supported: Warden needs prefork (time limits, "
+            "one process per running job); use --pool prefork"
+        )
+
+
+_relay: Any = None
+
+
+@signals.worker_ready.connect
+@signals.beat_init.connect
+def _start_relay(**_: Any) -> None:
+    """Every worker and beat runs the relay (one active at a time, by a Redis lease), so
+    recovery never waits on an API process."""
+    global _relay
+    from workers.relay import Relay
+
+    if _relay is None:
+        _relay = Relay()
+        _relay.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_relay(**_: Any) -> None:
+    if _relay is not None:
+        _relay.stop()
+
+
+@signals.task_unknown.connect
+def _unknown_task(message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
+    """A worker that does not know a job's type (a rolling deploy, a removed type) fails the
+    job with `unknown_job_type` instead of dropping its message silently."""
+    from workers import jobstore
+
+    try:
+        import socket
+
+        jobstore.fail_unknown_type(id, name, socket.gethostname())
+    except Exception:  # the message is gone either way; the relay cannot help here
+        import structlog
+
+        structlog.get_logger("warden.jobs").exception("job.unknown_type_not_recorded",
+                                                      job_id=id, job_type=name)
 
 
 @signals.setup_logging.connect

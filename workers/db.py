@@ -86,6 +86,15 @@ class _ProcessEngines:
 _engines = _ProcessEngines()
 
 
+def _after_fork_in_child() -> None:
+    # A fork while another thread (the relay in a worker's main process) held the lock
+    # would leave it locked forever in the child.
+    _engines.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def get_engine() -> Engine:
     """The process's engine for sessions (transactions of several statements)."""
     if not _engines.ready():
@@ -112,6 +121,13 @@ def autocommit() -> Iterator[Connection]:
     assert _engines.fast is not None
     with _engines.fast.connect() as conn:
         yield conn
+
+
+def get_sessionmaker() -> sessionmaker[Session]:
+    """The process's session factory (sessions on the pre-pinged pool)."""
+    get_engine()
+    assert _engines.maker is not None
+    return _engines.maker
 
 
 @contextmanager
@@ -160,13 +176,19 @@ class AsyncPool:
                 get_settings().libpq_dsn(), autocommit=True, row_factory=dict_row,
                 connect_timeout=5, application_name="warden-api",
             )
+            broken = False
             try:
                 yield conn
             except psycopg.Error:
-                await conn.close()
+                broken = True
                 raise
-            if not conn.closed:
-                self._idle.append(conn)
+            finally:
+                # Back to the pool whatever the caller raised (a 409 is not the connection's
+                # fault); dropped after a database error, whose state is unknown.
+                if broken or conn.closed or conn.info.transaction_status != 0:
+                    await conn.close()
+                else:
+                    self._idle.append(conn)
         finally:
             self._slots.release()
 

@@ -1,7 +1,8 @@
 """The one way a job enters the system: row first, publish after commit, relay for the rest.
 
-Every producer (API, CLI, beat) calls `submit`. The job_runs row commits before anything is
-sent, so an accepted job survives a Redis outage; `Relay` publishes what stayed unpublished.
+Every producer (API, CLI, beat, a parent job's fan-out) goes through `prepare` and an
+insert. The job_runs row commits before anything is sent, so an accepted job survives a
+Redis outage; `workers.relay.Relay` publishes what stayed unpublished.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,10 +22,9 @@ import structlog
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from workers import jobstore, leases
+from workers import jobstore
 from workers.app import app, registered_job_tasks
 from workers.db import autocommit, session_scope
-from workers.jobs import job_lease_key
 from workers.metrics import JOBS_SUBMITTED
 from workers.settings import get_settings
 
@@ -45,6 +45,10 @@ class UnknownJobType(LookupError):
 
 class UnstorableParams(ValueError):
     """Params valid for the model but not storable as JSON in Postgres (NaN, NUL)."""
+
+
+class InvalidCountdown(ValueError):
+    """A countdown outside 0..MAX_COUNTDOWN seconds."""
 
 
 class IdempotencyConflict(ValueError):
@@ -112,6 +116,8 @@ def prepare(
 ) -> Prepared:
     """Validate params and build the row; raises UnknownJobType, ValidationError or
     UnstorableParams (all the client's to fix)."""
+    if countdown is not None and not 0 <= countdown <= MAX_COUNTDOWN:
+        raise InvalidCountdown(f"countdown must be between 0 and {MAX_COUNTDOWN} seconds")
     model = validate(job_type, params)
     clean = model.model_dump(mode="json")
     try:
@@ -142,10 +148,16 @@ def existing_job(prepared: Prepared, existing: Mapping[Any, Any]) -> Submitted:
     return Submitted(existing, created=False, published=True)
 
 
-def after_insert(prepared: Prepared, row: Mapping[Any, Any]) -> Submitted:
-    """The row is committed: publish (or leave it to the relay), count, log."""
+def after_insert(prepared: Prepared, row: Mapping[Any, Any], *,
+                 background: bool = False) -> Submitted:
+    """The row is committed: publish (or leave it to the relay), count, log. `background`
+    hands the publish to the publisher thread (the API's event loop never waits on Redis)."""
     JOBS_SUBMITTED.labels(prepared.job_type, "created").inc()
-    published = publish(row["id"], prepared.job_type, prepared.clean, prepared.not_before)
+    if background:
+        published = publisher.submit(row["id"], prepared.job_type, prepared.clean,
+                                     prepared.not_before)
+    else:
+        published = publish(row["id"], prepared.job_type, prepared.clean, prepared.not_before)
     log.info("job.accepted", job_id=str(row["id"]), job_type=prepared.job_type,
              idempotency_key=prepared.idempotency_key, source=prepared.source,
              published=published)
@@ -175,15 +187,14 @@ def submit(
 
 async def submit_async(prepared: Prepared, conn: Any) -> Submitted:
     """`submit` for the API's event loop: the insert on an async psycopg connection (no
-    thread hop), the publish on the loop like a bare `.delay()` route (a tripped breaker
-    makes it instant while the broker is down)."""
+    thread hop), the publish handed to the publisher thread."""
     async with conn.cursor() as cur:
         await cur.execute(INSERT_JOB, prepared.row_params)
         row = await cur.fetchone()
         if row is None:
             await cur.execute(SELECT_BY_KEY, {"k": prepared.idempotency_key})
             return existing_job(prepared, await cur.fetchone())
-    return after_insert(prepared, row)
+    return after_insert(prepared, row, background=True)
 
 
 class _Breaker:
@@ -206,8 +217,9 @@ class _Breaker:
 _breaker = _Breaker()
 
 
-def publish(job_id: uuid.UUID, job_type: str, params: dict[str, Any],
-            eta: datetime | None = None, *, force: bool = False) -> bool:
+def publish(job_id: uuid.UUID | str, job_type: str, params: dict[str, Any],
+            eta: datetime | None = None, *, countdown: float | None = None,
+            force: bool = False) -> bool:
     """Send the job's message; False (logged) when the broker is unreachable."""
     if _breaker.is_open() and not force:
         return False
@@ -217,6 +229,7 @@ def publish(job_id: uuid.UUID, job_type: str, params: dict[str, Any],
             kwargs={"params": params},
             task_id=str(job_id),
             eta=eta if eta and eta > datetime.now(UTC) else None,
+            countdown=countdown if countdown and countdown > 0 else None,
             retry=True,
             retry_policy=PUBLISH_POLICY,
         )
@@ -224,8 +237,75 @@ def publish(job_id: uuid.UUID, job_type: str, params: dict[str, Any],
         _breaker.trip()
         log.warning("job.publish_failed", job_id=str(job_id), error=f"{type(exc).__name__}: {exc}")
         return False
-    _marker.mark(job_id)
+    _marker.mark(uuid.UUID(str(job_id)))
     return True
+
+
+def publish_many(jobs: Iterable[tuple[uuid.UUID, str, dict[str, Any]]]) -> list[uuid.UUID]:
+    """Send several messages over one producer connection (the relay's batches); returns
+    the ids sent before the first failure. The caller marks them published."""
+    sent: list[uuid.UUID] = []
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_id, job_type, params in jobs:
+                app.send_task(job_type, kwargs={"params": params if isinstance(params, dict)
+                                                else {}},
+                              task_id=str(job_id), producer=producer, retry=True,
+                              retry_policy=PUBLISH_POLICY)
+                sent.append(job_id)
+    except Exception as exc:  # broker down: the rest waits for the next pass
+        log.warning("relay.publish_failed", sent=len(sent), error=f"{type(exc).__name__}: {exc}")
+    return sent
+
+
+class Publisher:
+    """Publishes from a background thread, so the API's event loop never waits on Redis.
+
+    Why: a Redis that hangs (a partition, a paused server) instead of refusing would stall
+    every route for its socket timeout. The row is committed before it gets here; if this
+    process dies with messages still queued, or the send fails, the relay publishes them
+    (published_at stays NULL).
+    """
+
+    MAX_QUEUED = 10_000
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[tuple[uuid.UUID, str, dict[str, Any], datetime | None]] = (
+            queue.Queue(self.MAX_QUEUED))
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job_id: uuid.UUID, job_type: str, params: dict[str, Any],
+               eta: datetime | None = None) -> bool:
+        """Hand over; False when the backlog is full or the breaker is open (the relay will
+        publish it)."""
+        if _breaker.is_open():
+            return False
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name="publisher",
+                                                    daemon=True)
+                    self._thread.start()
+        try:
+            self._q.put_nowait((job_id, job_type, params, eta))
+        except queue.Full:
+            return False
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            job_id, job_type, params, eta = self._q.get()
+            if not publish(job_id, job_type, params, eta):
+                # Broker down: drop what is queued; the relay has every one of those rows.
+                while True:
+                    try:
+                        self._q.get_nowait()
+                    except queue.Empty:
+                        break
+
+
+publisher = Publisher()
 
 
 class PublishedMarker:
@@ -280,83 +360,35 @@ class PublishedMarker:
 _marker = PublishedMarker()
 
 
-class Relay:
-    """Publishes jobs that were accepted but never reached the broker, and retries whose
-    message went missing. One relay runs at a time (a Redis lease), so several API
-    processes can each start one."""
+def fan_out_children(parent_id: str, epoch: int,
+                     specs: Sequence[tuple[str, dict[str, Any]]]) -> list[uuid.UUID] | None:
+    """Insert a parent's children and put the parent in `waiting`, in one transaction
+    fenced by the parent's epoch (None when the parent run lost its job: nothing
+    inserted); then publish them. Keys `<parent>:<n>` make a repeated fan-out a no-op."""
+    prepared = [prepare(t, p, idempotency_key=f"{parent_id}:{n}", source="fan-out")
+                for n, (t, p) in enumerate(specs)]
+    with session_scope() as s:
+        parked = s.execute(
+            text("UPDATE job_runs SET status='waiting', children_total=:n, children_pending=:n, "
+                 "attempts=attempts-1, lease_expires_at=NULL "
+                 "WHERE id=:id AND epoch=:e AND status='running' RETURNING 1"),
+            {"id": uuid.UUID(parent_id), "e": epoch, "n": len(prepared)},
+        ).first()
+        if parked is None:
+            s.rollback()
+            return None
+        conn = s.connection()
+        for p in prepared:
+            conn.exec_driver_sql(
+                INSERT_CHILD, {**p.row_params, "parent": uuid.UUID(parent_id)})
+    for p in prepared:
+        publish(p.row_params["id"], p.job_type, p.clean)
+    return [p.row_params["id"] for p in prepared]
 
-    LEASE_KEY = "warden:lease:relay"
-    BATCH = 500
 
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> int:
-        """One pass; returns how many jobs were published.
-
-        Three kinds of rows: accepted but never published (Redis was down); retries whose
-        message is overdue; and the backstop for a message lost after publishing (Redis data
-        loss, a deploy that dropped an unknown task): queued rows published long ago, and
-        running rows past the hard time limit whose job lease nobody holds. Each is sent at
-        most once per `relay_republish_after`; a duplicate message is a no-op by design.
-        """
-        settings = get_settings()
-        with leases.held(self.LEASE_KEY, ttl=max(30.0, settings.relay_interval * 5)) as lease:
-            if lease is None:
-                return 0
-            with session_scope() as s:
-                rows = s.execute(
-                    text(
-                        "SELECT id, type, params, not_before, status FROM job_runs "
-                        "WHERE (status='queued' AND published_at IS NULL "
-                        "       AND created_at < now() - make_interval(secs => :grace)) "
-                        "   OR (status='retrying' AND next_attempt_at < now() - interval '60 s') "
-                        "   OR (status='queued' "
-                        "       AND published_at < now() - make_interval(secs => :again) "
-                        "       AND (not_before IS NULL OR not_before < now())) "
-                        "   OR (status='running' "
-                        "       AND started_at < now() - make_interval(secs => :hard) "
-                        "       AND published_at < now() - make_interval(secs => :again)) "
-                        "ORDER BY created_at LIMIT :n"
-                    ),
-                    {"grace": settings.relay_grace, "n": self.BATCH,
-                     "again": settings.relay_republish_after,
-                     "hard": settings.task_time_limit + 60},
-                ).all()
-            sent = 0
-            for row in rows:
-                if row.status == "running" and leases.remaining_ttl(job_lease_key(str(row.id))):
-                    continue  # a live process still runs it
-                if not publish(row.id, row.type, row.params, row.not_before, force=True):
-                    break  # broker still down: try again next pass
-                sent += 1
-                with session_scope() as s:
-                    s.execute(
-                        text("UPDATE job_runs SET published_at=now(), "
-                             "next_attempt_at=CASE WHEN status='retrying' "
-                             "THEN now() + make_interval(secs => :again) END WHERE id=:id"),
-                        {"id": row.id, "again": settings.relay_republish_after},
-                    )
-            if sent:
-                log.info("relay.published", count=sent)
-            return sent
-
-    def _loop(self) -> None:
-        interval = get_settings().relay_interval
-        while not self._stop.wait(interval):
-            try:
-                self.run_once()
-            except Exception as exc:  # Redis or Postgres down: keep looping
-                log.warning("relay.pass_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def start(self) -> None:
-        """Run in a daemon thread until stop()."""
-        self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
+INSERT_CHILD = (
+    "INSERT INTO job_runs (id, type, params, idempotency_key, max_attempts, source, "
+    "not_before, expires_at, parent_id) "
+    "VALUES (%(id)s, %(t)s, %(p)s::jsonb, %(k)s, %(m)s, %(src)s, %(nb)s, %(ex)s, %(parent)s) "
+    "ON CONFLICT (idempotency_key) DO NOTHING"
+)

@@ -25,3 +25,9 @@ class JobError(Exception):
 class TransientError(Exception):
     """Raise from a job to ask for a retry with backoff (a dependency hiccup)."""
 
+
+
+class OwnershipLost(Exception):
+    """This run no longer owns its job: its lease lapsed (a stall, a partition) and another
+    run claimed the job with a newer epoch. Nothing of this run commits; the core ends the
+    delivery without recording anything (the new owner records the outcome)."""

@@ -1,8 +1,15 @@
 """JobTask: the base every Warden task runs on.
 
-Per delivery: take the job's lease (one runner at a time, even with duplicate messages),
-take the type's singleton lease if it has one, claim the job_runs row (attempts+1; a
-finished job is not run again), run, and record succeeded/failed/retrying/dead.
+Per delivery: claim the job_runs row (a conditional UPDATE that gives this run an owner
+token, a lease and a new epoch; a finished job is not run again; a job owned by a live run
+is left to it), heartbeat the lease while the task runs, and record the outcome
+conditional on the epoch. A family's effect and the job's outcome can commit in one fenced
+transaction (`with self.session() as s: return self.complete(s, result)`), so a run that
+lost the job can change nothing. ADR 0007 says what this covers and what it does not.
+
+No Celery retry(): it turns a failed publish into a dropped delivery. A retry is written to
+job_runs first (retrying, due at T by the database's clock, unpublished); the worker then
+sends the delayed message, and the relay sends it when due if the worker could not.
 """
 
 from __future__ import annotations
@@ -10,8 +17,13 @@ from __future__ import annotations
 import os
 import random
 import socket
-from contextlib import AbstractContextManager
-from datetime import UTC, datetime, timedelta
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import redis
@@ -20,11 +32,12 @@ import structlog
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from workers import jobstore, leases
-from workers.db import session_scope
-from workers.errors import JobError, TransientError
+from workers import identity, jobstore
+from workers.db import get_sessionmaker, session_scope
+from workers.errors import JobError, OwnershipLost, TransientError
 from workers.settings import get_settings
 
 log = structlog.get_logger("warden.jobs")
@@ -50,12 +63,74 @@ def backoff(attempt: int, base: float | None = None, cap: float | None = None) -
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-def job_lease_key(job_id: str) -> str:
-    return f"warden:lease:job:{job_id}"
+class Suspended(BaseException):
+    """A parent job handed its work to children and waits (not an error: BaseException so
+    a family's `except Exception` cannot swallow it)."""
 
 
-def singleton_lease_key(job_type: str) -> str:
-    return f"warden:lease:singleton:{job_type}"
+@dataclass
+class Run:
+    """This process's ownership of one job: what every fenced write is conditional on."""
+
+    job_id: str
+    epoch: int
+    owner: str
+    attempts: int
+    max_attempts: int
+    lost: bool = False
+    completed: bool = False  # the outcome committed (with the effect, via complete())
+    pending_complete: bool = False  # complete() ran inside an open fenced transaction
+    progress_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Heartbeat:
+    """One daemon thread per process extending the leases of the jobs it runs, at a third
+    of WARDEN_LEASE_TTL. A job the heartbeat no longer finds owned (taken over after a
+    stall) is flagged `lost`: its fenced writes fail, and check_owned() stops it."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    def add(self, run: Run) -> None:
+        with self._lock:
+            self._runs[run.job_id] = run
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="job-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+
+    def discard(self, run: Run) -> None:
+        with self._lock:
+            if self._runs.get(run.job_id) is run:
+                del self._runs[run.job_id]
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(get_settings().lease_ttl / 3)
+            with self._lock:
+                runs = list(self._runs.values())
+            if not runs:
+                continue
+            try:
+                alive = jobstore.heartbeat((r.job_id, r.epoch) for r in runs)
+            except Exception as exc:  # database away: the lease gives us slack; try again
+                log.warning("job.heartbeat_failed", error=describe(exc))
+                continue
+            for run in runs:
+                if run.job_id not in alive and not run.completed and not run.pending_complete:
+                    with self._lock:
+                        still_running = self._runs.get(run.job_id) is run
+                    if still_running and not run.lost:
+                        run.lost = True
+                        log.error("job.ownership_lost", job_id=run.job_id, epoch=run.epoch)
+
+
+_heartbeat = Heartbeat()
 
 
 class JobTask(Task):
@@ -64,26 +139,150 @@ class JobTask(Task):
 
     abstract = True
     typing = False  # arguments are validated against `params`, not the signature
-    # Celery's own retry cap (default 3) is off: re-deliveries that wait for a lease or ride
-    # out an outage must never be dropped; the attempt budget lives in job_runs.
-    max_retries = None
+    max_retries = None  # Celery's retry machinery is not used (see the module docstring)
     params: ClassVar[type[BaseModel] | None] = None
     singleton: ClassVar[bool] = False
     max_attempts: ClassVar[int | None] = None
+    _local = threading.local()
+
+    # -- what a task body uses ----------------------------------------------------------------
 
     @property
     def job_id(self) -> str:
         """The running job's id (== Celery task id)."""
         return str(self.request.id)
 
+    @property
+    def _run(self) -> Run | None:
+        run: Run | None = getattr(self._local, "run", None)
+        return run if run is not None and run.job_id == str(self.request.id) else None
+
     def session(self) -> AbstractContextManager[Session]:
-        """One transaction (commit on success) for the task's unit of work."""
-        return session_scope()
+        """One fenced transaction: it commits only while this run still owns the job (the
+        epoch check is its last statement, under the job row's lock). Outside a worker
+        (a unit test calling the task) a plain transaction."""
+        run = self._run
+        if run is None:
+            return session_scope()
+        return self._fenced(run)
+
+    @contextmanager
+    def _fenced(self, run: Run) -> Iterator[Session]:
+        self.check_owned()
+        s = get_sessionmaker()()
+        try:
+            yield s
+            if run.pending_complete:
+                self._commit_with_outcome(s, run)
+            else:
+                if s.in_transaction() and not jobstore.fence(s, run.job_id, run.epoch):
+                    run.lost = True
+                    raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+                s.commit()
+        except BaseException:
+            run.pending_complete = False
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    def _commit_with_outcome(self, s: Session, run: Run) -> None:
+        try:
+            s.commit()
+        except jobstore.RETRYABLE_DB_ERRORS as exc:
+            # The COMMIT's answer was lost: the row says whether it happened. If not, the
+            # effect rolled back with it, and running again is safe.
+            if jobstore.recorded(run.job_id, run.epoch, "succeeded"):
+                log.warning("job.commit_answer_lost_but_committed", error=describe(exc))
+            else:
+                raise
+        run.pending_complete = False
+        run.completed = True
+
+    def complete(self, session: Session, result: Any) -> Any:
+        """Record the job's success in this fenced transaction and return `result`: the
+        effect and the outcome commit together or not at all. Call it last in the block."""
+        run = self._run
+        if run is None:
+            return result
+        if isinstance(result, BaseModel):
+            result = result.model_dump(mode="json")
+        encoded = jobstore.encode_result(result)
+        if not session.in_transaction():
+            # Nothing else in this transaction: the outcome alone, one autocommit statement.
+            if not jobstore.succeed(run.job_id, run.epoch, result):
+                run.lost = True
+                raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+            run.completed = True
+            return result
+        done = session.execute(jobstore.SUCCEED_SQL,
+                               {"id": uuid.UUID(run.job_id), "e": run.epoch, "r": encoded})
+        if getattr(done, "rowcount", 0) != 1:
+            run.lost = True
+            raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+        run.pending_complete = True
+        return result
+
+    def check_owned(self) -> None:
+        """Raise OwnershipLost when another run took this job over (long loops call it)."""
+        run = self._run
+        if run is not None and run.lost:
+            raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+
+    def progress(self, done: int, total: int | None = None, **extra: Any) -> None:
+        """Store a long job's progress (at most once a second, and always the last step)."""
+        run = self._run
+        if run is None:
+            return
+        now = time.monotonic()
+        if now - run.progress_at < 1.0 and (total is None or done < total):
+            return
+        run.progress_at = now
+        payload = {"done": done, "total": total, **extra, "at": datetime.now(UTC).isoformat()}
+        try:
+            if not jobstore.save_progress(run.job_id, run.epoch, payload):
+                run.lost = True
+        except jobstore.RETRYABLE_DB_ERRORS as exc:  # progress is a hint; the work goes on
+            log.warning("job.progress_not_saved", error=describe(exc))
+        self.check_owned()
+
+    def fan_out(self, build: Callable[[], list[tuple[str, dict[str, Any]]]]
+                ) -> list[jobstore.Child]:
+        """Hand the work to child jobs and wait for them; once all have ended, the same call
+        (in the parent's next run) returns them. See docs/job-core.md."""
+        run = self._run
+        if run is None:
+            raise RuntimeError("fan_out needs a worker (a job run), not a direct call")
+        total, pending = jobstore.fan_out_state(run.job_id)
+        if total and not pending:
+            return jobstore.children(run.job_id)
+        if total:  # delivered while children still run (a stray duplicate): wait again
+            self._suspend(run)
+        from workers.enqueue import fan_out_children
+
+        specs = build()
+        if not specs:
+            return []
+        created = fan_out_children(run.job_id, run.epoch, specs)
+        if created is None:
+            run.lost = True
+            raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+        log.info("job.fanned_out", children=len(created))
+        raise Suspended()
+
+    def _suspend(self, run: Run) -> None:
+        with session_scope() as s:
+            s.execute(text("UPDATE job_runs SET status='waiting', lease_expires_at=NULL, "
+                           "attempts=attempts-1 WHERE id=:id AND epoch=:e AND status='running' "
+                           "AND children_pending > 0"), {"id": run.job_id, "e": run.epoch})
+        raise Suspended()
 
     def parse_params(self, raw: Any) -> BaseModel:
         """Validate raw JSON params with the task's model."""
         assert self.params is not None, f"{self.name} has no params model"
         return self.params.model_validate(raw or {})
+
+    # -- Celery entry points ------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # The message carries {"params": {...}}; `celery call` users may pass them bare.
@@ -96,75 +295,80 @@ class JobTask(Task):
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
-        """A hard time limit kills the child before it can record anything; Celery calls this
-        in the worker's main process, so the job is marked failed instead of staying running."""
+        """A hard time limit kills the pool child before it can record anything; Celery calls
+        this in the worker's main process, which records `time_limit` once the child is
+        provably dead (conditional on the epoch it saw)."""
         if isinstance(exc, TimeLimitExceeded):
             try:
-                jobstore.fail(task_id, "failed", "time_limit",
-                              f"hard time limit exceeded ({exc})")
+                jobstore.fail_if_owner_dead(task_id, "time_limit",
+                                            f"hard time limit exceeded ({exc})")
             except Exception:
                 log.exception("job.time_limit_not_recorded", job_id=task_id)
 
     # -- the job core ---------------------------------------------------------------------
 
-    def _run_job(self, raw: dict[str, Any]) -> Any:
+    def _run_job(self, raw: Any) -> Any:
         job_id = self.job_id
         structlog.contextvars.bind_contextvars(job_id=job_id, job_type=self.name)
         try:
-            return self._run_leased(job_id, raw)
+            return self._deliver(job_id, raw)
         finally:
+            self._local.run = None
             structlog.contextvars.unbind_contextvars("job_id", "job_type", "idempotency_key")
 
-    def _retry_delivery(self, countdown: float, exc: BaseException | None = None) -> Retry:
-        """Re-send this delivery later without spending an attempt (Celery's cap is off:
-        the attempt budget lives in Postgres)."""
-        return self.retry(countdown=countdown, exc=exc)
-
-    def _run_leased(self, job_id: str, raw: dict[str, Any]) -> Any:
+    def _deliver(self, job_id: str, raw: Any) -> Any:
         settings = get_settings()
+        worker = _worker_name(self.request)
+        owner = identity.new_token()
         try:
-            lease = leases.acquire(job_lease_key(job_id))
-        except redis.RedisError as exc:
-            raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
-        if lease is None:
-            # Another live process runs this job (a duplicate delivery): look again later.
-            log.info("job.busy_elsewhere")
-            raise self._retry_delivery(settings.lease_ttl / 2 + random.uniform(0, 1))
-        single: leases.Lease | None = None
+            claim = jobstore.claim(job_id, self.name, raw, owner, worker,
+                                   self.max_attempts or settings.max_attempts,
+                                   singleton=self.singleton)
+        except Exception as exc:
+            # Postgres unreachable past the retry budget: the message must come back.
+            log.warning("job.claim_failed", error=describe(exc))
+            time.sleep(min(5.0, backoff(1)))
+            raise Reject(exc, requeue=True) from exc
+        if claim.idempotency_key:
+            structlog.contextvars.bind_contextvars(idempotency_key=claim.idempotency_key)
+        if claim.action == "done":
+            log.info("job.duplicate_delivery_skipped")
+            return claim.result
+        if claim.action == "singleton_busy":
+            log.info("job.singleton_busy")
+            self._later(job_id, raw, settings.lease_ttl + random.uniform(0, 2), defer=True)
+        if claim.action != "run":
+            # final, dead, waiting: nothing to do. busy: a live run owns it; if that run
+            # dies, its lease lapses and the relay sends the job again.
+            log.info("job.not_run", action=claim.action, status=claim.status)
+            raise Ignore()
+        run = Run(job_id, claim.epoch, owner, claim.attempts, claim.max_attempts)
+        self._local.run = run
+        _heartbeat.add(run)
         try:
-            if self.singleton:
-                try:
-                    single = leases.acquire(singleton_lease_key(self.name))
-                except redis.RedisError as exc:
-                    raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
-                if single is None:
-                    log.info("job.singleton_busy")
-                    raise self._retry_delivery(settings.lease_ttl + random.uniform(0, 2))
-            worker = _worker_name(self.request)
-            try:
-                claim = jobstore.claim(job_id, self.name, raw, worker,
-                                       self.max_attempts or settings.max_attempts)
-            except Exception as exc:
-                # Whatever stops the claim, the message must come back, or the job is lost.
-                log.warning("job.claim_failed", error=describe(exc))
-                raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
-            if claim.idempotency_key:
-                structlog.contextvars.bind_contextvars(idempotency_key=claim.idempotency_key)
-            if claim.action == "done":
-                log.info("job.duplicate_delivery_skipped")
-                return claim.result
-            if claim.action in ("final", "dead"):
-                log.warning("job.not_run", status=claim.status)
-                raise Ignore()
-            return self._execute(job_id, raw, claim, worker)
+            return self._execute(run, raw)
         finally:
-            if single is not None:
-                leases.release(single)
-            leases.release(lease)
+            _heartbeat.discard(run)
 
-    def _execute(self, job_id: str, raw: dict[str, Any], claim: jobstore.Claim,
-                 worker: str) -> Any:
-        log.info("job.started", attempt=claim.attempts)
+    def _later(self, job_id: str, raw: Any, delay: float, *, defer: bool,
+               exc: BaseException | None = None) -> None:
+        """Deliver this job again in `delay` s: the row says so first (so the relay sends it
+        if this send fails), then the delayed message; ends this delivery as a retry."""
+        from workers.enqueue import publish
+
+        if defer:
+            try:
+                jobstore.defer(job_id, delay)
+            except Exception as err:
+                log.warning("job.defer_failed", error=describe(err))
+                time.sleep(min(5.0, delay))
+                raise Reject(err, requeue=True) from err
+        params = raw if isinstance(raw, dict) else {}
+        publish(job_id, self.name, params, countdown=delay, force=True)
+        raise Retry(f"again in {delay:.1f}s", exc, when=delay)
+
+    def _execute(self, run: Run, raw: Any) -> Any:
+        log.info("job.started", attempt=run.attempts, epoch=run.epoch)
         try:
             params = self.parse_params(raw)
             result = self.run(params)
@@ -172,55 +376,80 @@ class JobTask(Task):
                 result = result.model_dump(mode="json")
         except (Retry, Ignore, Reject):
             raise
-        except ValidationError as exc:
-            self._record(job_id, worker, "failed", "invalid_params", str(exc))
+        except Suspended:
+            raise Ignore() from None
+        except OwnershipLost:
+            log.error("job.ownership_lost", epoch=run.epoch)
+            raise Ignore() from None
+        except BaseException as exc:
+            if run.completed:
+                # The outcome committed with the effect; what failed afterwards changes nothing.
+                log.warning("job.error_after_complete", error=describe(exc))
+                raise Ignore() from None
+            if not isinstance(exc, Exception):
+                raise  # SystemExit, KeyboardInterrupt: the worker is going away
+            self._failed(run, raw, exc)
             raise
-        except JobError as exc:
-            self._record(job_id, worker, "failed", exc.code, str(exc))
-            log.warning("job.failed", error_code=exc.code)
-            raise
-        except SoftTimeLimitExceeded as exc:
-            self._record(job_id, worker, "failed", "time_limit", "soft time limit exceeded")
-            raise exc
-        except TRANSIENT_EXCEPTIONS as exc:
-            return self._transient(job_id, worker, claim, exc)
-        except Exception as exc:
-            self._record(job_id, worker, "failed", "internal_error", describe(exc))
-            log.exception("job.internal_error")
-            raise
+        if run.completed:
+            log.info("job.succeeded", attempt=run.attempts)
+            return result
         try:
-            jobstore.succeed(job_id, result, worker)
-        except TRANSIENT_EXCEPTIONS as exc:
-            # The effect committed but its record did not; a redelivery re-runs the
-            # (idempotent) task and records it then.
-            raise self._retry_delivery(backoff(claim.attempts), exc) from exc
-        except Exception as exc:  # the result itself cannot be stored (e.g. not JSON-able)
-            self._record(job_id, worker, "failed", "result_not_recorded", describe(exc))
+            recorded = jobstore.succeed(run.job_id, run.epoch, result)
+        except ValueError as exc:  # the result itself cannot be stored (NaN, not JSON-able)
+            self._record(run, "failed", "result_not_recorded", describe(exc))
             log.exception("job.result_not_recorded")
             raise
-        log.info("job.succeeded", attempt=claim.attempts)
+        except Exception as exc:
+            # Postgres away past the retry budget: the lease lapses and the relay sends the
+            # job again; ack this delivery.
+            log.error("job.outcome_not_recorded", error=describe(exc))
+            raise Ignore() from exc
+        if not recorded:
+            log.error("job.ownership_lost", epoch=run.epoch)
+            raise Ignore()
+        log.info("job.succeeded", attempt=run.attempts)
         return result
 
-    def _transient(self, job_id: str, worker: str, claim: jobstore.Claim,
-                   exc: BaseException) -> Any:
-        code = f"transient:{type(exc).__name__}"
-        if claim.attempts >= claim.max_attempts:
-            self._record(job_id, worker, "dead", code, describe(exc))
-            log.error("job.dead", attempts=claim.attempts, error_code=code)
-            raise exc
-        delay = backoff(claim.attempts)
-        next_at = datetime.now(UTC) + timedelta(seconds=delay)
-        self._record(job_id, worker, "retrying", code, describe(exc), next_at)
-        log.warning("job.retrying", attempt=claim.attempts, delay=round(delay, 2), error_code=code)
-        raise self._retry_delivery(delay, exc)
+    def _failed(self, run: Run, raw: Any, exc: BaseException) -> None:
+        """Record why the run failed, by kind (module docstring of workers.errors)."""
+        if isinstance(exc, ValidationError):
+            self._record(run, "failed", "invalid_params", str(exc))
+        elif isinstance(exc, JobError):
+            self._record(run, "failed", exc.code, str(exc))
+            log.warning("job.failed", error_code=exc.code)
+        elif isinstance(exc, SoftTimeLimitExceeded):
+            self._record(run, "failed", "time_limit", "soft time limit exceeded")
+        elif isinstance(exc, TRANSIENT_EXCEPTIONS):
+            self._transient(run, raw, exc)
+        else:
+            self._record(run, "failed", "internal_error", describe(exc))
+            log.exception("job.internal_error")
 
-    def _record(self, job_id: str, worker: str, status: str, code: str, message: str,
-                next_at: datetime | None = None) -> None:
+    def _transient(self, run: Run, raw: Any, exc: BaseException) -> None:
+        code = f"transient:{type(exc).__name__}"
+        if run.attempts >= run.max_attempts:
+            self._record(run, "dead", code, describe(exc))
+            log.error("job.dead", attempts=run.attempts, error_code=code)
+            return
+        delay = backoff(run.attempts)
+        if self._record(run, "retrying", code, describe(exc), delay):
+            log.warning("job.retrying", attempt=run.attempts, delay=round(delay, 2),
+                        error_code=code)
+            self._later(run.job_id, raw, delay, defer=False, exc=exc)
+
+    def _record(self, run: Run, status: str, code: str, message: str,
+                retry_in: float | None = None) -> bool:
+        """An error outcome, conditional on the epoch; False (and this delivery acked) when
+        it could not or need not be written."""
         try:
-            jobstore.fail(job_id, status, code, message, next_at, worker=worker)
-        except Exception as exc:
-            # Cannot record the outcome: run the job again later rather than lose it.
-            raise self._retry_delivery(backoff(self.request.retries + 1), exc) from exc
+            if jobstore.finish(run.job_id, run.epoch, status, code, message, retry_in):
+                return True
+            log.error("job.ownership_lost", epoch=run.epoch)
+        except Exception as err:
+            # Postgres away past the retry budget: the lease lapses and the relay sends the
+            # job again (nothing of this run committed with an outcome).
+            log.error("job.outcome_not_recorded", status=status, error=describe(err))
+        raise Ignore()
 
 
 def describe(exc: BaseException) -> str:
@@ -235,4 +464,3 @@ def describe(exc: BaseException) -> str:
 
 def _worker_name(request: Any) -> str:
     return f"{request.hostname or socket.gethostname()}:{os.getpid()}"
-

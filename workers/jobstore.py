@@ -1,4 +1,11 @@
-"""SQL on job_runs: every state change of a job is one short statement in its own transaction.
+"""SQL on job_runs: ownership (claim, heartbeat, fence) and every state change of a job.
+
+Ownership lives here (ADR 0007). A claim is one conditional UPDATE that gives the job an
+owner token, a lease expiry and a new epoch; the owner heartbeats the lease; every outcome
+write is conditional on that epoch, so a run that lost the job (its lease lapsed and
+another run claimed it) can change nothing. Outcome writes are single statements retried on
+a fresh connection (`with_retry`): a stale pooled connection after a database restart costs
+a reconnect, never a second run of the effect.
 
 Kept apart from the Celery base class so the API, the relay and the CLI share it, and so the
 hot path (claim, finish) is plain SQL with no ORM overhead: it is what the ping bench measures.
@@ -7,149 +14,449 @@ hot path (claim, finish) is plain SQL with no ORM overhead: it is what the ping 
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import sqlalchemy.exc
+import structlog
 from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
+from sqlalchemy.engine import Connection, RowMapping
 
-from workers.db import autocommit, session_scope
+from workers import identity
+from workers.db import autocommit, get_engine, session_scope
+from workers.models import FINAL_STATUSES
+from workers.settings import get_settings
+
+log = structlog.get_logger("warden.jobstore")
 
 JOB_COLUMNS = (
     "id, type, params, idempotency_key, status, attempts, max_attempts, source, created_at, "
     "updated_at, not_before, expires_at, published_at, started_at, finished_at, "
-    "next_attempt_at, result, error_code, error_message, worker, manual_retries"
+    "next_attempt_at, result, error_code, error_message, worker, manual_retries, epoch, "
+    "lease_expires_at, delivered_at, parent_id, children_total, children_pending, progress"
 )
 
+# Errors after which a single statement may simply be sent again on a fresh connection:
+# the connection died (restart, terminated backend, network), the pool was exhausted, or
+# the statement lost a deadlock. Every statement sent through `with_retry` is idempotent
+# (conditional on the epoch or on the owner token).
+RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)
 
-@dataclass(frozen=True)
-class Claim:
-    """What the worker should do with a delivery: run it, or skip and why."""
+T = TypeVar("T")
 
-    action: str  # run | done | final | dead
-    attempts: int = 0
-    max_attempts: int = 0
-    result: dict[str, Any] | None = None
-    status: str | None = None
-    idempotency_key: str | None = None
+
+def with_retry(fn: Callable[[], T], what: str, budget: float | None = None) -> T:
+    """Run `fn` (one idempotent statement), again after a connection error, for up to
+    `budget` seconds (WARDEN_OUTCOME_RETRY_SECONDS); SQLAlchemy invalidates the dead
+    connection, so each try gets a fresh one."""
+    budget = get_settings().outcome_retry_seconds if budget is None else budget
+    deadline = time.monotonic() + budget
+    delay = 0.05
+    while True:
+        try:
+            return fn()
+        except RETRYABLE_DB_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("db.retrying", what=what, delay=round(delay, 2),
+                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _uuid(job_id: str | uuid.UUID) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
 
 
-_EXPIRED = "expires_at < now()"
-_CLAIM = text(
+@dataclass(frozen=True)
+class Claim:
+    """What the worker should do with a delivery.
+
+    action: run (this run owns the job: `epoch`), done (already succeeded: `result`),
+    final (failed/dead/cancelled/expired), waiting (a parent waiting for its children),
+    busy (another live run owns it), singleton_busy (another job of the type runs),
+    dead (the attempt budget was spent by lost workers).
+    """
+
+    action: str
+    attempts: int = 0
+    max_attempts: int = 0
+    epoch: int = 0
+    result: Any = None
+    status: str | None = None
+    idempotency_key: str | None = None
+
+
+# A job not started before expires_at is cancelled instead of run; a running job (orphaned
+# and reclaimed) did start, so expiry does not apply to it.
+_EXPIRED = "(status <> 'running' AND expires_at IS NOT NULL AND expires_at < now())"
+_CLAIM_SET = (
     "UPDATE job_runs SET "
     f"status = CASE WHEN {_EXPIRED} THEN 'cancelled' ELSE 'running' END, "
-    f"attempts = attempts + CASE WHEN {_EXPIRED} THEN 0 ELSE 1 END, "
+    f"attempts = attempts + CASE WHEN {_EXPIRED} OR owner IS NOT DISTINCT FROM :o "
+    "THEN 0 ELSE 1 END, "
+    "epoch = epoch + CASE WHEN owner IS NOT DISTINCT FROM :o THEN 0 ELSE 1 END, "
+    f"lease_expires_at = CASE WHEN {_EXPIRED} THEN NULL "
+    "ELSE now() + make_interval(secs => :ttl) END, "
     f"started_at = CASE WHEN {_EXPIRED} THEN started_at ELSE now() END, "
     f"finished_at = CASE WHEN {_EXPIRED} THEN now() END, "
     f"error_code = CASE WHEN {_EXPIRED} THEN 'expired' ELSE error_code END, "
     f"error_message = CASE WHEN {_EXPIRED} THEN 'not started before expires_at' "
     "ELSE error_message END, "
-    "worker = :w, next_attempt_at = NULL, published_at = COALESCE(published_at, now()) "
-    "WHERE id = :id AND status IN ('queued', 'retrying', 'running') "
-    "AND attempts < max_attempts "
-    "RETURNING status, attempts, max_attempts, idempotency_key"
+    "owner = :o, worker = :w, next_attempt_at = NULL, delivered_at = now(), "
+    "published_at = COALESCE(published_at, now()) "
+)
+# Claimable: queued or retrying within the budget; running and already ours (a retried
+# claim whose answer was lost); running whose lease lapsed (its owner is gone or stalled).
+_CLAIMABLE = (
+    "((status IN ('queued', 'retrying') AND attempts < max_attempts) "
+    " OR (status = 'running' AND owner = :o) "
+    " OR (status = 'running' AND attempts < max_attempts "
+    "     AND COALESCE(lease_expires_at, '-infinity') < now()))"
+)
+_RETURNING = "RETURNING status, attempts, max_attempts, epoch, idempotency_key"
+_CLAIM = text(f"{_CLAIM_SET} WHERE id = :id AND {_CLAIMABLE} {_RETURNING}")
+_CLAIM_SINGLETON = text(
+    f"{_CLAIM_SET} WHERE id = :id AND {_CLAIMABLE} AND NOT EXISTS ("
+    "  SELECT 1 FROM job_runs o WHERE o.type = :t AND o.status = 'running' AND o.id <> :id "
+    f"  AND o.lease_expires_at > now()) {_RETURNING}"
+)
+# A takeover of a job whose owner provably died on this kernel (SIGKILL, OOM): its lease
+# has not lapsed yet, but nobody is left to heartbeat it.
+_TAKEOVER = text(
+    f"{_CLAIM_SET} WHERE id = :id AND status = 'running' AND epoch = :seen "
+    f"AND attempts < max_attempts {_RETURNING}"
 )
 
 
 def claim(
     job_id: str,
     job_type: str,
-    params: dict[str, Any],
+    params: Any,
+    owner: str,
     worker: str,
     default_max_attempts: int,
+    *,
+    singleton: bool = False,
 ) -> Claim:
-    """Mark the job running with attempts+1, if it may run. Caller holds the job's lease.
-
-    Holding the lease means no live process is running this job, so a `running` row is an
-    orphan of a dead worker and is reclaimed; past the budget it becomes `dead` instead
-    (the poison-pill guard for jobs that kill their worker).
-    """
+    """Claim the job for this run, or say why not (see Claim.action)."""
     jid = _uuid(job_id)
-    # The common case in one autocommit statement: a runnable job becomes running, or
-    # cancelled when it was not started before expires_at.
-    with autocommit() as conn:
-        row = conn.execute(_CLAIM, {"id": jid, "w": worker}).first()
+    args = {"id": jid, "o": owner, "w": worker, "ttl": get_settings().lease_ttl, "t": job_type}
+    row = with_retry(lambda: _claim_once(args, singleton), "claim")
     if row is not None:
         if row.status == "cancelled":
-            return Claim("final", row.attempts, row.max_attempts, None, "cancelled")
-        return Claim("run", row.attempts, row.max_attempts,
+            return Claim("final", row.attempts, row.max_attempts, row.epoch, status="cancelled")
+        return Claim("run", row.attempts, row.max_attempts, row.epoch,
                      idempotency_key=row.idempotency_key)
+    return with_retry(
+        lambda: _not_claimed(jid, job_type, params, args, default_max_attempts, singleton),
+        "claim-inspect",
+    )
+
+
+def _claim_once(args: dict[str, Any], singleton: bool) -> Any:
+    if not singleton:
+        with autocommit() as conn:
+            return conn.execute(_CLAIM, args).first()
+    # Singletons: the type's advisory lock serializes their claims, and the NOT EXISTS runs
+    # in a statement that starts after the lock is held, so it sees every committed claim.
+    with get_engine().begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                     {"k": f"warden:singleton:{args['t']}"})
+        return conn.execute(_CLAIM_SINGLETON, args).first()
+
+
+def _not_claimed(jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any],
+                 default_max_attempts: int, singleton: bool) -> Claim:
     with session_scope() as s:
         cur = s.execute(
-            text("SELECT status, attempts, max_attempts, result FROM job_runs WHERE id=:id"),
-            {"id": jid},
+            text("SELECT status, attempts, max_attempts, epoch, owner, result, "
+                 "COALESCE(lease_expires_at, '-infinity') > now() AS lease_live "
+                 "FROM job_runs WHERE id = :id"), {"id": jid},
         ).first()
         if cur is None:
-            # Sent by something that bypassed the enqueue path (`celery call`): adopt it.
-            s.execute(
-                text(
-                    "INSERT INTO job_runs (id, type, params, status, attempts, max_attempts, "
-                    "source, started_at, published_at, worker) VALUES (:id, :t, CAST(:p AS jsonb), "
-                    "'running', 1, :m, 'celery', now(), now(), :w) ON CONFLICT (id) DO NOTHING"
-                ),
-                {"id": jid, "t": job_type, "p": json.dumps(params), "m": default_max_attempts,
-                 "w": worker},
-            )
-            return Claim("run", 1, default_max_attempts)
+            return _adopt(s, jid, job_type, params, args, default_max_attempts)
         if cur.status == "succeeded":
-            return Claim("done", cur.attempts, cur.max_attempts, cur.result, cur.status)
-        if cur.status in ("failed", "dead", "cancelled"):
-            return Claim("final", cur.attempts, cur.max_attempts, None, cur.status)
-        # queued/retrying/running with the budget spent: the worker died on every attempt.
-        s.execute(
-            text(
-                "UPDATE job_runs SET status='dead', finished_at=now(), error_code='worker_lost', "
-                "error_message='attempt budget spent: the worker was lost on every attempt' "
-                "WHERE id=:id"
-            ),
-            {"id": jid},
-        )
-        return Claim("dead", cur.attempts, cur.max_attempts, None, "dead")
+            return Claim("done", cur.attempts, cur.max_attempts, cur.epoch, cur.result,
+                         cur.status)
+        if cur.status in FINAL_STATUSES:
+            return Claim("final", cur.attempts, cur.max_attempts, cur.epoch, status=cur.status)
+        if cur.status == "waiting":
+            return Claim("waiting", cur.attempts, cur.max_attempts, cur.epoch,
+                         status=cur.status)
+        if cur.attempts >= cur.max_attempts and not (cur.status == "running" and cur.lease_live
+                                                     and not identity.holder_is_dead(cur.owner)):
+            # Queued, retrying or orphaned with the budget spent: its worker was lost on
+            # every attempt (a poison pill). Guarded by the state seen, never over a final.
+            s.execute(
+                text("UPDATE job_runs SET status='dead', finished_at=now(), "
+                     "error_code='worker_lost', lease_expires_at=NULL, error_message="
+                     "'attempt budget spent: the worker was lost on every attempt' "
+                     "WHERE id=:id AND epoch=:e AND status=:st"),
+                {"id": jid, "e": cur.epoch, "st": cur.status},
+            )
+            return Claim("dead", cur.attempts, cur.max_attempts, cur.epoch, status="dead")
+        if cur.status == "running" and cur.lease_live:
+            if identity.holder_is_dead(cur.owner):
+                row = s.execute(_TAKEOVER, {**args, "seen": cur.epoch}).first()
+                if row is not None:
+                    log.info("job.taken_over", previous_owner=cur.owner)
+                    return Claim("run", row.attempts, row.max_attempts, row.epoch,
+                                 idempotency_key=row.idempotency_key)
+            return Claim("busy", cur.attempts, cur.max_attempts, cur.epoch, status=cur.status)
+        if singleton:
+            return Claim("singleton_busy", cur.attempts, cur.max_attempts, cur.epoch,
+                         status=cur.status)
+        # It changed between the two statements (another claim won): look once more later.
+        return Claim("busy", cur.attempts, cur.max_attempts, cur.epoch, status=cur.status)
 
 
-def succeed(job_id: str, result: Any, worker: str) -> None:
-    """Record the result; the job is final. Only the run that holds the claim may record:
-    a late run whose job was reclaimed by another worker changes nothing."""
+def _adopt(s: Any, jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any],
+           default_max_attempts: int) -> Claim:
+    """A message sent past the enqueue path (`celery call`): give it a row. Params that are
+    not a JSON object cannot be this job's params: the job is recorded failed, never run."""
+    valid = isinstance(params, dict)
+    stored = params if valid else {"_raw": params}
+    status, code, message = ("running", None, None) if valid else (
+        "failed", "invalid_params", "params must be a JSON object (send kwargs={'params': {...}})")
+    row = s.execute(
+        text("INSERT INTO job_runs (id, type, params, status, attempts, max_attempts, source, "
+             "started_at, published_at, delivered_at, worker, owner, epoch, lease_expires_at, "
+             "error_code, error_message, finished_at) VALUES (:id, :t, CAST(:p AS jsonb), :st, "
+             "1, :m, 'celery', now(), now(), now(), :w, :o, 1, "
+             "now() + make_interval(secs => :ttl), :c, :msg, "
+             "CASE WHEN :st = 'failed' THEN now() END) ON CONFLICT (id) DO NOTHING "
+             "RETURNING epoch"),
+        {**args, "p": json.dumps(stored, default=str), "m": default_max_attempts, "st": status,
+         "c": code, "msg": message},
+    ).first()
+    if row is None:  # another delivery adopted it first
+        return Claim("busy")
+    if not valid:
+        return Claim("final", 1, default_max_attempts, 1, status="failed")
+    return Claim("run", 1, default_max_attempts, 1)
+
+
+# -- outcomes: conditional on the epoch ----------------------------------------------------
+
+SUCCEED_SQL = text(
+    "UPDATE job_runs SET status='succeeded', result=CAST(:r AS jsonb), finished_at=now(), "
+    "error_code=NULL, error_message=NULL, lease_expires_at=NULL "
+    "WHERE id=:id AND epoch=:e AND status='running'"
+)
+
+
+def encode_result(result: Any) -> str:
+    """The result as stored JSON; ValueError (NaN, not JSON-able) is the task's bug."""
+    return json.dumps(result, default=str, allow_nan=False)
+
+
+def succeed(job_id: str, epoch: int, result: Any) -> bool:
+    """Record the result. False when this run no longer owns the job (nothing changed)."""
+    args = {"id": _uuid(job_id), "e": epoch, "r": encode_result(result)}
+
+    def once() -> bool:
+        with autocommit() as conn:
+            return conn.execute(SUCCEED_SQL, args).rowcount == 1
+
+    return with_retry(once, "succeed") or recorded(job_id, epoch, "succeeded")
+
+
+def finish(job_id: str, epoch: int, status: str, code: str, message: str,
+           retry_in: float | None = None) -> bool:
+    """Record an error outcome: failed/dead (final) or retrying, due `retry_in` seconds
+    from now by the database's clock (the relay compares with the same clock). A retry is
+    unpublished until its message is sent (the relay sends it when due if the worker
+    could not). False when this run no longer owns the job."""
+    args = {"id": _uuid(job_id), "e": epoch, "st": status, "c": code[:100],
+            "m": message[:4000], "d": retry_in or 0.0}
+
+    def once() -> bool:
+        with autocommit() as conn:
+            return conn.execute(
+                text("UPDATE job_runs SET status=CAST(:st AS varchar), error_code=:c, "
+                     "error_message=:m, lease_expires_at=NULL, "
+                     "next_attempt_at=CASE WHEN CAST(:st AS varchar)='retrying' "
+                     "  THEN now() + make_interval(secs => :d) END, "
+                     "published_at=CASE WHEN CAST(:st AS varchar)='retrying' "
+                     "  THEN NULL ELSE published_at END, "
+                     "delivered_at=CASE WHEN CAST(:st AS varchar)='retrying' "
+                     "  THEN NULL ELSE delivered_at END, "
+                     "finished_at=CASE WHEN CAST(:st AS varchar)='retrying' THEN NULL "
+                     "  ELSE now() END "
+                     "WHERE id=:id AND epoch=:e AND status='running'"), args,
+            ).rowcount == 1
+
+    return with_retry(once, f"record-{status}") or recorded(job_id, epoch, status)
+
+
+def recorded(job_id: str, epoch: int, status: str) -> bool:
+    """Whether this epoch's outcome `status` is what the row holds: after an outcome write
+    whose answer was lost, tells "it committed" from "another run owns the job"."""
+    def once() -> bool:
+        with autocommit() as conn:
+            row = conn.execute(text("SELECT status, epoch FROM job_runs WHERE id=:id"),
+                               {"id": _uuid(job_id)}).first()
+        return row is not None and row.status == status and row.epoch == epoch
+
+    return with_retry(once, "read-back")
+
+
+FENCE_SQL = text(
+    "UPDATE job_runs SET lease_expires_at = now() + make_interval(secs => :ttl) "
+    "WHERE id=:id AND epoch=:e AND status='running'"
+)
+
+
+def fence(conn: Connection | Any, job_id: str, epoch: int) -> bool:
+    """In the caller's transaction, as its last statement: True while this epoch owns the
+    job. Its row lock holds off any claim until the transaction ends, so the effects of
+    this transaction commit only if the run still owns the job at COMMIT."""
+    result = conn.execute(FENCE_SQL, {"id": _uuid(job_id), "e": epoch,
+                                      "ttl": get_settings().lease_ttl})
+    return bool(result.rowcount == 1)
+
+
+def heartbeat(owned: Iterable[tuple[str, int]]) -> set[str]:
+    """Extend the leases of the jobs this process runs; returns the ids still owned."""
+    pairs = list(owned)
+    if not pairs:
+        return set()
     with autocommit() as conn:
-        conn.execute(
-            text(
-                "UPDATE job_runs SET status='succeeded', result=CAST(:r AS jsonb), "
-                "finished_at=now(), error_code=NULL, error_message=NULL "
-                "WHERE id=:id AND status='running' AND worker=:w"
-            ),
-            {"id": _uuid(job_id), "r": json.dumps(result, default=str, allow_nan=False),
-             "w": worker},
-        )
+        rows = conn.execute(
+            text("UPDATE job_runs j SET lease_expires_at = now() + make_interval(secs => :ttl) "
+                 "FROM unnest(CAST(:ids AS uuid[]), CAST(:epochs AS bigint[])) AS h(id, epoch) "
+                 "WHERE j.id = h.id AND j.epoch = h.epoch AND j.status = 'running' "
+                 "RETURNING j.id"),
+            {"ids": [_uuid(i) for i, _ in pairs], "epochs": [e for _, e in pairs],
+             "ttl": get_settings().lease_ttl},
+        ).all()
+    return {str(r.id) for r in rows}
 
 
-def fail(job_id: str, status: str, code: str, message: str,
-         next_attempt_at: datetime | None = None, *, worker: str | None = None) -> None:
-    """Record an error outcome: failed/dead (final) or retrying (with its next attempt time).
-    Only a running job changes; with `worker`, only the run that claimed it."""
-    guard = " AND status='running'" + (" AND worker=:w" if worker else "")
+def save_progress(job_id: str, epoch: int, progress: dict[str, Any]) -> bool:
+    """A long job's progress (fenced); False when the run no longer owns the job."""
     with autocommit() as conn:
-        conn.execute(
-            text(
-                "UPDATE job_runs SET status=CAST(:st AS varchar), error_code=:c, error_message=:m, "
-                "next_attempt_at=:n, "
-                "finished_at=CASE WHEN CAST(:st AS varchar)='retrying' THEN NULL ELSE now() END "
-                "WHERE id=:id" + guard
-            ),
-            {"id": _uuid(job_id), "st": status, "c": code[:100], "m": message[:4000],
-             "n": next_attempt_at, "w": worker},
-        )
+        return conn.execute(
+            text("UPDATE job_runs SET progress = CAST(:p AS jsonb) "
+                 "WHERE id=:id AND epoch=:e AND status='running'"),
+            {"id": _uuid(job_id), "e": epoch, "p": json.dumps(progress, default=str)},
+        ).rowcount == 1
 
+
+def defer(job_id: str, seconds: float) -> None:
+    """Look at a queued or retrying job again in `seconds` (a singleton that must wait),
+    without spending an attempt; unpublished until its delayed message is sent."""
+    def once() -> None:
+        with autocommit() as conn:
+            conn.execute(
+                text("UPDATE job_runs SET next_attempt_at = now() + make_interval(secs => :d), "
+                     "published_at = NULL, delivered_at = NULL "
+                     "WHERE id=:id AND status IN ('queued', 'retrying')"),
+                {"id": _uuid(job_id), "d": seconds},
+            )
+
+    with_retry(once, "defer")
+
+
+def fail_unknown_type(job_id: str, job_type: str, worker: str) -> bool:
+    """A worker received a type it does not know (a rolling deploy, a removed type): the job
+    ends failed with `unknown_job_type`, retryable by an operator once a worker knows it."""
+    def once() -> bool:
+        with autocommit() as conn:
+            return conn.execute(
+                text("UPDATE job_runs SET status='failed', finished_at=now(), "
+                     "error_code='unknown_job_type', error_message=:m "
+                     "WHERE id=:id AND status IN ('queued', 'retrying')"),
+                {"id": _uuid(job_id),
+                 "m": f"worker {worker} does not know the job type {job_type!r}"},
+            ).rowcount == 1
+
+    return with_retry(once, "unknown-type")
+
+
+def fail_if_owner_dead(job_id: str, code: str, message: str, wait: float = 5.0) -> bool:
+    """From a worker's main process after it killed a pool child (hard time limit): record
+    the outcome only once the owner is provably dead, conditional on the epoch seen."""
+    deadline = time.monotonic() + wait
+    while True:
+        with session_scope() as s:
+            cur = s.execute(text("SELECT status, epoch, owner FROM job_runs WHERE id=:id"),
+                            {"id": _uuid(job_id)}).first()
+            if cur is None or cur.status != "running":
+                return False
+            if identity.holder_is_dead(cur.owner):
+                done = s.execute(
+                    text("UPDATE job_runs SET status='failed', finished_at=now(), "
+                         "error_code=:c, error_message=:m, lease_expires_at=NULL "
+                         "WHERE id=:id AND epoch=:e AND status='running' RETURNING 1"),
+                    {"id": _uuid(job_id), "e": cur.epoch, "c": code, "m": message},
+                ).first()
+                return done is not None
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+# -- fan-out -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Child:
+    """A child job as its parent sees it once every child has ended."""
+
+    id: str
+    type: str
+    status: str
+    params: dict[str, Any]
+    result: Any
+    error_code: str | None
+    error_message: str | None
+    attempts: int
+
+
+def fan_out_state(job_id: str) -> tuple[int, int]:
+    """(children_total, children_pending) of a parent."""
+    with autocommit() as conn:
+        row = conn.execute(text("SELECT children_total, children_pending FROM job_runs "
+                                "WHERE id=:id"), {"id": _uuid(job_id)}).one()
+    return int(row.children_total), int(row.children_pending)
+
+
+def children(parent_id: str | uuid.UUID) -> list[Child]:
+    """Every child of a parent, oldest first."""
+    with session_scope() as s:
+        rows = s.execute(
+            text("SELECT id, type, status, params, result, error_code, error_message, attempts "
+                 "FROM job_runs WHERE parent_id=:p ORDER BY created_at, id"),
+            {"p": _uuid(parent_id)},
+        ).all()
+    return [Child(str(r.id), r.type, r.status, r.params, r.result, r.error_code,
+                  r.error_message, r.attempts) for r in rows]
+
+
+def children_summary(parent_id: str | uuid.UUID) -> dict[str, int]:
+    """Children of a parent counted by status."""
+    with session_scope() as s:
+        rows = s.execute(text("SELECT status, count(*) AS n FROM job_runs WHERE parent_id=:p "
+                              "GROUP BY status"), {"p": _uuid(parent_id)}).all()
+    return {r.status: int(r.n) for r in rows}
+
+
+# -- reads and operator actions --------------------------------------------------------------
 
 def list_jobs(
     *,
     status: str | None = None,
     job_type: str | None = None,
+    parent_id: uuid.UUID | None = None,
     limit: int = 50,
     before: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[RowMapping]:
@@ -162,6 +469,9 @@ def list_jobs(
     if job_type:
         where.append("type = :type")
         args["type"] = job_type
+    if parent_id is not None:
+        where.append("parent_id = :parent")
+        args["parent"] = parent_id
     if before is not None:
         where.append("(created_at, id) < (:cts, :cid)")
         args["cts"], args["cid"] = before
@@ -177,7 +487,8 @@ def pending_count() -> int:
     """Jobs accepted but not yet confirmed published (the outbox depth)."""
     with session_scope() as s:
         return int(s.execute(text(
-            "SELECT count(*) FROM job_runs WHERE status='queued' AND published_at IS NULL"
+            "SELECT count(*) FROM job_runs WHERE status IN ('queued', 'retrying') "
+            "AND published_at IS NULL"
         )).scalar_one())
 
 
@@ -206,7 +517,7 @@ def operator_retry(job_id: str | uuid.UUID) -> RowMapping:
     with session_scope() as s:
         row = s.execute(
             text("UPDATE job_runs SET status='queued', attempts=0, published_at=NULL, "
-                 "next_attempt_at=NULL, finished_at=NULL, expires_at=NULL, "
+                 "delivered_at=NULL, next_attempt_at=NULL, finished_at=NULL, expires_at=NULL, "
                  "manual_retries=manual_retries+1 WHERE id=:id AND status IN ('failed','dead') "
                  f"RETURNING {JOB_COLUMNS}"),
             {"id": jid},

@@ -1,9 +1,10 @@
 """Leases in Redis: a token, a TTL, renewal by the holder, and release only by the holder.
 
-Why not a plain SETNX lock: a crashed holder must not block forever (TTL), a live holder
-must keep its lease past the TTL (renewal thread), and a holder whose lease expired must not
-delete its successor's (compare-and-delete in Lua). A holder on this host whose process is
-gone is detected at once by pid, so redelivery after SIGKILL does not wait for the TTL.
+Since ADR 0007 these are an optimisation only (which relay works this pass); job ownership
+and singletons are guarded in Postgres. Why not a plain SETNX lock: a crashed holder must
+not block forever (TTL), a live holder keeps its lease past the TTL (renewal thread), and a
+holder whose lease expired must not delete its successor's (compare-and-delete in Lua). A
+holder provably dead on this kernel (workers.identity) is taken over at once.
 """
 
 from __future__ import annotations
@@ -11,33 +12,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
 import redis
 
+from workers import identity
 from workers.redis_client import get_redis
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
-HOSTNAME = socket.gethostname()
-
-
-def _pid_namespace() -> str:
-    """Containers may share a hostname (host networking) but not a pid namespace: a pid is
-    only comparable inside one."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "0"
-
-
-PID_NAMESPACE = _pid_namespace()
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -63,29 +50,6 @@ class Lease:
     token: str
     ttl_ms: int
     lost: bool = field(default=False)
-
-
-def _new_token() -> str:
-    return f"{HOSTNAME}:{PID_NAMESPACE}:{os.getpid()}:{uuid.uuid4().hex}"
-
-
-def _holder_is_dead(token: str) -> bool:
-    """True only when the holder provably is gone: same host and pid namespace, and its pid
-    no longer exists."""
-    try:
-        host, pidns, pid_s, _ = token.split(":", 3)
-        pid = int(pid_s)
-    except ValueError:
-        return False
-    if host != HOSTNAME or pidns != PID_NAMESPACE or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class LeaseKeeper:
@@ -139,14 +103,15 @@ _keeper = LeaseKeeper()
 def acquire(key: str, ttl: float | None = None, *, renew: bool = True) -> Lease | None:
     """Take the lease or return None if a live holder has it. Takes over a dead local holder's."""
     ttl_ms = int((ttl or get_settings().lease_ttl) * 1000)
-    token = _new_token()
+    token = identity.new_token()
     client = get_redis()
     if not client.set(key, token, nx=True, px=ttl_ms):
         current = cast(str | None, client.get(key))
         if current is None:
             if not client.set(key, token, nx=True, px=ttl_ms):
                 return None
-        elif not (_holder_is_dead(current) and client.eval(_STEAL, 1, key, current, token, ttl_ms)):
+        elif not (identity.holder_is_dead(current)
+                  and client.eval(_STEAL, 1, key, current, token, ttl_ms)):
             return None
     lease = Lease(key, token, ttl_ms)
     if renew:

@@ -33,3 +33,10 @@ def reset_redis() -> None:
     if _client is not None:
         _client.close()
     _client = None
+
+
+def key(name: str) -> str:
+    """A Redis key of the platform's, under WARDEN_BROKER_KEY_PREFIX like the broker's own:
+    two deployments sharing one Redis database never see each other's leases or caches.
+    `name` is relative: key("lease:relay") -> "<prefix>warden:lease:relay"."""
+    return f"{get_settings().broker_key_prefix}warden:{name}"

@@ -60,11 +60,28 @@ class Settings(BaseSettings):
     # the relay (not the request that accepted it) publishes it.
     relay_interval: float = Field(2.0, gt=0)
     relay_grace: float = Field(5.0, ge=0)
-    # Backstop for messages lost after publishing: a job that has not moved this long is
-    # published again (at most once per period; duplicates are no-ops).
-    relay_republish_after: float = Field(1800.0, gt=0)
+    # Backstop for messages lost after publishing: a job published this long ago and never
+    # delivered, whose message is neither in its queue nor held by a worker, is published
+    # again (a duplicate message is a no-op). Also how often a stuck job is re-sent at most.
+    relay_lost_after: float = Field(60.0, gt=0)
+    # Outcome writes (and claims) are retried on a fresh connection this long before the
+    # run gives up on recording (a database restart takes seconds).
+    outcome_retry_seconds: float = Field(30.0, ge=0)
     # Bearer tokens are cached (by hash) this long in each API process; revocation lag.
     token_cache_seconds: float = Field(10.0, ge=0)
+
+    # Backups (tasks/backups). Archives go to backup_dir (default <data_dir>/backups);
+    # pg_bin_dir names the PostgreSQL client tools to use (default: found, see
+    # tasks/backups/pgtools.py). Retention keeps the newest backup of each of the last N
+    # days, ISO weeks and months that have one (the 7/4/6). The RTO objective is
+    # the seed's "critical: 1 hour" (shared/seeds/001); a verified restore slower than it
+    # raises WardenBackupRestoreSlow.
+    backup_dir: Path | None = None
+    pg_bin_dir: Path | None = None
+    backup_keep_daily: int = Field(7, ge=0, le=3660)
+    backup_keep_weekly: int = Field(4, ge=0, le=520)
+    backup_keep_monthly: int = Field(6, ge=0, le=1200)
+    backup_rto_objective: float = Field(3600.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -11,6 +11,8 @@ from workers.jobs import JobTask
 def ping(self: JobTask, params: Ping) -> dict[str, str]:
     """Return the echo and the job id.
 
-    Idempotency: no effect beyond its own result, which the job core stores once.
+    Idempotency: no effect beyond its own result, which self.complete records once,
+    conditional on this run's ownership (the shape of every job with an effect).
     """
-    return {"echo": params.echo, "job_id": self.job_id}
+    with self.session() as session:
+        return self.complete(session, {"echo": params.echo, "job_id": self.job_id})

@@ -69,11 +69,11 @@ def upgrade() -> None:
                                         nullable=False))
     op.add_column('job_runs', sa.Column('progress', postgresql.JSONB(astext_type=sa.Text()),
                                         nullable=True))
-    op.create_foreign_key('fk_job_runs_parent_id_job_runs', 'job_runs', 'job_runs',
+    op.create_foreign_key(op.f('fk_job_runs_parent_id_job_runs'), 'job_runs', 'job_runs',
                           ['parent_id'], ['id'], ondelete='CASCADE')
-    op.drop_constraint('ck_job_runs_status', 'job_runs', type_='check')
-    op.create_check_constraint('ck_job_runs_status', 'job_runs', f"status IN {NEW_STATUSES}")
-    op.create_check_constraint('ck_job_runs_children', 'job_runs',
+    op.drop_constraint(op.f('ck_job_runs_status'), 'job_runs', type_='check')
+    op.create_check_constraint(op.f('ck_job_runs_status'), 'job_runs', f"status IN {NEW_STATUSES}")
+    op.create_check_constraint(op.f('ck_job_runs_children'), 'job_runs',
                                'children_pending >= 0 AND children_pending <= children_total')
 
     # Partial indexes over the unfinished statuses: the relay's and the gauges' queries stay
@@ -94,6 +94,9 @@ def upgrade() -> None:
     op.create_index('ix_job_runs_parent', 'job_runs', ['parent_id', 'created_at'],
                     postgresql_where=sa.text("parent_id IS NOT NULL"))
 
+    # Rows running before this revision get a lapsed lease: the relay re-sends them and a
+    # worker takes them over (their old owners knew nothing of epochs).
+    op.execute("UPDATE job_runs SET lease_expires_at = now() WHERE status = 'running'")
     op.execute(CHILD_TRIGGER)
     op.execute(
         "CREATE TRIGGER trg_job_runs_child_status AFTER UPDATE OF status ON job_runs "
@@ -129,11 +132,11 @@ def downgrade() -> None:
     op.drop_index('ix_job_runs_unpublished', table_name='job_runs')
     op.create_index('ix_job_runs_unpublished', 'job_runs', ['created_at'],
                     postgresql_where=sa.text("published_at IS NULL AND status = 'queued'"))
-    op.drop_constraint('ck_job_runs_children', 'job_runs', type_='check')
-    op.drop_constraint('ck_job_runs_status', 'job_runs', type_='check')
+    op.drop_constraint(op.f('ck_job_runs_children'), 'job_runs', type_='check')
+    op.drop_constraint(op.f('ck_job_runs_status'), 'job_runs', type_='check')
     op.execute("UPDATE job_runs SET status = 'queued' WHERE status = 'waiting'")
-    op.create_check_constraint('ck_job_runs_status', 'job_runs', f"status IN {OLD_STATUSES}")
-    op.drop_constraint('fk_job_runs_parent_id_job_runs', 'job_runs', type_='foreignkey')
+    op.create_check_constraint(op.f('ck_job_runs_status'), 'job_runs', f"status IN {OLD_STATUSES}")
+    op.drop_constraint(op.f('fk_job_runs_parent_id_job_runs'), 'job_runs', type_='foreignkey')
     for col in ('progress', 'children_pending', 'children_total', 'parent_id',
                 'delivered_at', 'lease_expires_at', 'owner', 'epoch'):
         op.drop_column('job_runs', col)
