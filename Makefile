@@ -5,7 +5,7 @@ PY ?= python3
 UV = $(shell command -v uv 2>/dev/null || echo "$(PY) -m uv")
 PYTEST_ARGS ?=
 
-.PHONY: up test lint typecheck check bench sync uv clean
+.PHONY: up test test-faults lint typecheck check bench sync uv clean
 
 uv:
 	@command -v uv >/dev/null 2>&1 || $(PY) -m uv --version >/dev/null 2>&1 || \
@@ -19,6 +19,10 @@ up: sync
 
 test: sync lint typecheck
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+# The fault tests alone (real processes killed, paused, cut off) with a bigger soak.
+test-faults: sync
+	WARDEN_SOAK_JOBS=$${WARDEN_SOAK_JOBS:-6000} $(UV) run --frozen pytest tests/reliability -m slow $(PYTEST_ARGS)
 
 lint: sync
 	$(UV) run --frozen ruff check .

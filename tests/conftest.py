@@ -70,6 +70,68 @@ def fresh_database(services: Services) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
+@dataclass
+class Isolated:
+    """A deployment of its own: a fresh database and a Redis server nobody else uses, for
+    tests that restart, pause or cut that Redis, or whose relay must meet only their jobs."""
+
+    database_url: str
+    redis_url: str
+    redis: EmbeddedRedis
+    env: dict[str, str]
+
+    def insert_job(self, job_type: str, params: dict[str, object], **cols: object) -> str:
+        """A job row as the API would commit it, left for the relay to publish."""
+        import json
+
+        job_id = str(uuid.uuid4())
+        names = ["id", "type", "params", *cols]
+        values = [job_id, job_type, json.dumps(params), *cols.values()]
+        marks = ", ".join(["%s", "%s", "%s::jsonb"] + ["%s"] * len(cols))
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO job_runs ({', '.join(names)}) VALUES ({marks})", values)
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, object]:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            cur = conn.execute("SELECT * FROM job_runs WHERE id = %s", (job_id,))
+            row = cur.fetchone()
+            assert row is not None, job_id
+            return dict(zip([d.name for d in cur.description or []], row, strict=True))
+
+    def wait(self, job_id: str, statuses: set[str], timeout: float = 60) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        row = self.job(job_id)
+        while row["status"] not in statuses and time.monotonic() < deadline:
+            time.sleep(0.1)
+            row = self.job(job_id)
+        assert row["status"] in statuses, row
+        return row
+
+    def count(self, sql: str, *args: object) -> int:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            row = conn.execute(sql, args).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@contextlib.contextmanager
+def isolated(services: Services, tmp: Path) -> Iterator[Isolated]:
+    """A fresh database and a Redis of its own, and the env that points processes at them."""
+    with fresh_database(services) as db_url:
+        from tests.support.tasks import EFFECTS_DDL
+
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(EFFECTS_DDL)
+        rd = EmbeddedRedis(tmp)
+        redis_url = rd.start()
+        try:
+            yield Isolated(db_url, redis_url, rd,
+                           {"WARDEN_DATABASE_URL": db_url, "WARDEN_REDIS_URL": redis_url})
+        finally:
+            rd.stop()
+
+
 def _fresh_database(server_url: str) -> tuple[str, str]:
     """Create warden_test_<random> on the server; return (its URL, admin URL)."""
     parts = urlsplit(server_url.replace("postgresql+psycopg://", "postgresql://"))

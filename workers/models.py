@@ -106,7 +106,7 @@ class JobRun(Base):
         Index("ix_job_runs_running_lease", "lease_expires_at",
               postgresql_where=text("status = 'running'")),
         Index("ix_job_runs_unfinished", "status", "type", "created_at", postgresql_where=text(
-            "status IN ('queued','running','retrying','waiting') OR status = 'dead'")),
+            "status IN ('queued','running','retrying','waiting','dead')")),
         Index("ix_job_runs_parent", "parent_id", "created_at",
               postgresql_where=text("parent_id IS NOT NULL")),
     )
