@@ -182,12 +182,8 @@ def _weighted(weights: dict[str, float], draw: str) -> str:
 
 
 def _cost(trait_type: str, value: str) -> str:
-    """SQL XP cost of raising a trait to `value` (classic costs: attribute current x 4,
-    new ability 3 else current x 2, willpower current x 1). rules.py has no cost table yet;
-    this moves there when the XP flows land."""
-    return (f"CASE {trait_type} WHEN 'attribute' THEN ({value} - 1) * 4 "
-            f"WHEN 'ability' THEN CASE WHEN {value} = 1 THEN 3 ELSE ({value} - 1) * 2 END "
-            f"ELSE {value} - 1 END")
+    """SQL XP cost of raising a trait to `value` (the costs live in rules.XP_COST_MULTIPLIER)."""
+    return rules.xp_cost_sql(trait_type, value)
 
 
 def _bad_age(low: int, high: int) -> str:

@@ -113,3 +113,66 @@ def check_sql() -> dict[str, str]:
     for name, rng in NULLABLE_RANGES.items():
         checks[f"{name}_range"] = f"{name} IS NULL OR {name} BETWEEN {rng.low} AND {rng.high}"
     return checks
+
+
+# --- XP costs and awards (tasks/xp, the legacy spent_xp migration, the demo generator) ---
+# The seed system's classic costs: raising a trait by one dot costs its current rating times
+# the type's multiplier (attribute x4, ability x2, willpower x1, anything else x1); a new
+# ability (0 -> 1) costs a flat 3. Expressed on the NEW value v: (v - 1) x multiplier.
+XP_COST_MULTIPLIER: dict[str, int] = {"attribute": 4, "ability": 2, "willpower": 1, "other": 1}
+XP_NEW_ABILITY_COST = 3
+SCENE_AWARD_XP = 1  # per participant named true (DOMAIN.md "Scene award")
+WEEKLY_XP_PER_CATEGORY = 1  # one XP per claimed category (DOMAIN.md "Weekly XP request")
+# Traits a spend may raise: the trait columns of a character (other trait types have none).
+SPENDABLE_TRAITS: tuple[str, ...] = (*ATTRIBUTES, *ABILITIES, "willpower")
+
+
+def trait_type(trait_name: str) -> str:
+    """The spend-request trait_type of a trait column: attribute, ability or willpower."""
+    if trait_name in ATTRIBUTES:
+        return "attribute"
+    if trait_name in ABILITIES:
+        return "ability"
+    if trait_name == "willpower":
+        return "willpower"
+    return "other"
+
+
+def xp_cost(kind: str, new_value: int) -> int:
+    """XP cost of raising a trait of `kind` (a TRAIT_TYPES value) to `new_value` by one dot."""
+    if kind not in XP_COST_MULTIPLIER:
+        raise ValueError(f"unknown trait type {kind!r}")
+    if kind == "ability" and new_value == 1:
+        return XP_NEW_ABILITY_COST
+    cost = (new_value - 1) * XP_COST_MULTIPLIER[kind]
+    if cost <= 0:
+        raise ValueError(f"a {kind} cannot be raised to {new_value}")
+    return cost
+
+
+def value_for_cost(kind: str, cost: int) -> int | None:
+    """The new value whose one-dot cost is `cost` (inverse of xp_cost), or None if none is.
+
+    The newer legacy spent_xp shape records the cost but not the new value; this recovers it.
+    """
+    if kind not in XP_COST_MULTIPLIER or cost <= 0:
+        return None
+    if kind == "ability" and cost == XP_NEW_ABILITY_COST:
+        return 1
+    multiplier = XP_COST_MULTIPLIER[kind]
+    if cost % multiplier:
+        return None
+    value = cost // multiplier + 1
+    return value if xp_cost(kind, value) == cost else None
+
+
+def xp_cost_sql(kind: str, value: str) -> str:
+    """xp_cost as a SQL expression over the SQL expressions `kind` and `value` (set-based
+    jobs and the demo generator compute costs in the database, from these same numbers)."""
+    whens = " ".join(
+        f"WHEN '{k}' THEN ({value} - 1) * {m}" for k, m in XP_COST_MULTIPLIER.items()
+        if k != "ability"
+    )
+    ability = (f"WHEN 'ability' THEN CASE WHEN {value} = 1 THEN {XP_NEW_ABILITY_COST} "
+               f"ELSE ({value} - 1) * {XP_COST_MULTIPLIER['ability']} END")
+    return f"CASE {kind} {ability} {whens} END"

@@ -34,4 +34,14 @@ SCHEDULE: tuple[Entry, ...] = (
         slot_format="%Y-%m-%dT%H:%M",
         params={"echo": "beat"},
     ),
+    # Failed data migrations come back while their pass has attempts left (tasks/
+    # data_migrations); hourly, at :17 to stay off the top of the hour's other jobs.
+    Entry(
+        name="migration-retry-failed",
+        task="migration.retry_failed",
+        cron={"minute": "17"},
+        expires=3600,
+        slot_format="%Y-%m-%dT%H",
+        params={},
+    ),
 )

@@ -70,6 +70,33 @@ class Settings(BaseSettings):
     # Bearer tokens are cached (by hash) this long in each API process; revocation lag.
     token_cache_seconds: float = Field(10.0, ge=0)
 
+    # Data migrations (tasks/data_migrations, docs/jobs.md "migration.run").
+    # Row-lock budget of one batch; the batch size adapts so a batch takes about half of
+    # it (the slowest batches then stay under it; bench/migration_batched.py prints the
+    # longest), between the min and max sizes. The first batch of a pass has the initial
+    # size (1,000 rows of characters with legacy JSON lock for ~0.05 s on a 2-core machine).
+    migration_batch_seconds: float = Field(1.0, gt=0, le=60)
+    migration_batch_min: int = Field(10, ge=1)
+    migration_batch_max: int = Field(100_000, ge=1)
+    migration_batch_initial: int = Field(1000, ge=1)
+    # A batch statement past this (or waiting for a row lock past the lock timeout) is split
+    # in half and retried; at 1 row it counts as a failed try of the batch.
+    migration_statement_timeout: float = Field(5.0, gt=0)
+    migration_lock_timeout: float = Field(1.0, gt=0)
+    # Tries of one batch on transient errors (with backoff) before the migration is failed;
+    # runs of one pass (first run + automatic retries by migration.retry_failed).
+    migration_batch_attempts: int = Field(5, ge=1, le=100)
+    migration_max_attempts: int = Field(5, ge=1, le=1000)
+    # Throttle before each batch: more sessions than this waiting for locks on the target
+    # table, or a transaction open longer than this (VACUUM cannot clean up behind it).
+    migration_max_lock_waits: int = Field(2, ge=0)
+    migration_max_transaction_seconds: float = Field(300.0, gt=0)
+    # How long a throttled run waits at most between two health checks.
+    migration_throttle_max_wait: float = Field(10.0, gt=0)
+    # A run works this long, then hands over to a fresh job at its checkpoint (under the
+    # soft time limit, and no worker is held for hours); Shopify's maintenance_tasks do 5 min.
+    migration_run_seconds: float = Field(600.0, gt=0)
+
     # Backups (tasks/backups). Archives go to backup_dir (default <data_dir>/backups);
     # pg_bin_dir names the PostgreSQL client tools to use (default: found, see
     # tasks/backups/pgtools.py). Retention keeps the newest backup of each of the last N

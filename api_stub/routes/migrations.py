@@ -1,0 +1,135 @@
+"""Data migrations over HTTP: list them with state and progress; pause, resume, cancel, retry.
+
+Starting one is a job like any other (`POST /v1/jobs` with type `migration.run`); these
+routes steer the migration itself. Operator actions need the `admin` scope and a reason,
+and are written to the operator log in the same transaction as the change.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from api_stub.auth import require
+from tasks.data_migrations import service
+from workers import jobstore
+from workers.db import session_scope
+from workers.enqueue import publish, submit
+from workers.tokens import Principal
+
+router = APIRouter(prefix="/v1/migrations", tags=["data migrations"])
+
+
+class Reason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, description="why (operator log)")
+
+
+class OptionalReason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, min_length=1, max_length=500)
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a service call in one transaction; its errors as HTTP statuses."""
+    try:
+        with session_scope() as s:
+            return fn(s, *args, **kwargs)
+    except service.MigrationUnknown as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except service.MigrationConflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+
+
+@router.get("")
+def list_migrations(_: Annotated[Principal, Depends(require("read"))]) -> list[dict[str, Any]]:
+    """Every registered migration: status, progress, rows/s, ETA (running time only), last
+    error, attempts."""
+    return _call(service.list_migrations)
+
+
+@router.get("/{name}")
+def get_migration(name: str, _: Annotated[Principal, Depends(require("read"))],
+                  batches: Annotated[int, Query(ge=0, le=500)] = 20) -> dict[str, Any]:
+    """One migration with its newest batches and pauses."""
+
+    def detail(s: Any) -> dict[str, Any]:
+        out = service.summary(s, name)
+        out["batches"] = service.batches(s, name, limit=batches)
+        out["pauses"] = service.pauses(s, name, limit=20)
+        return out
+
+    return _call(detail)
+
+
+@router.get("/{name}/batches")
+def list_batches(name: str, _: Annotated[Principal, Depends(require("read"))],
+                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                 status: Annotated[str | None,
+                                   Query(pattern="^(succeeded|split|retrying|failed)$")] = None,
+                 ) -> list[dict[str, Any]]:
+    """Batch records, newest first: bounds, rows, lock seconds, attempts, error."""
+    return _call(service.batches, name, limit=limit, status=status)
+
+
+@router.get("/{name}/rejects")
+def list_rejects(name: str, _: Annotated[Principal, Depends(require("read"))],
+                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                 after_id: Annotated[int | None, Query(ge=0)] = None) -> list[dict[str, Any]]:
+    """Records that could not be migrated: character (row_id), position, reason, record."""
+    return _call(service.rejects, name, limit=limit,
+                 after_id=after_id)
+
+
+@router.post("/{name}/pause")
+def pause(name: str, body: Reason,
+          who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    """Stop after the current batch; the run's job ends (no lock, no worker held)."""
+    return _call(service.pause, name, actor=who.name,
+                 reason=body.reason)
+
+
+@router.post("/{name}/resume")
+def resume(name: str, body: OptionalReason,
+           who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    """Queue a new run that starts at the checkpoint."""
+    out: dict[str, Any] = _call(service.resume, name, actor=who.name,
+                                reason=body.reason or "resumed by an operator")
+    sub = submit("migration.run", {"name": name}, source="api")
+    out["job_id"] = str(sub.job["id"])
+    return out
+
+
+@router.post("/{name}/cancel")
+def cancel(name: str, body: Reason,
+           who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    """Stop for good after the current batch (done batches stay done)."""
+    return _call(service.cancel, name, actor=who.name,
+                 reason=body.reason)
+
+
+@router.post("/{name}/retry")
+def retry(name: str, body: OptionalReason,
+          who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    """Run a failed migration again from its checkpoint (its failed job, retried)."""
+    plan: service.RetryPlan = _call(service.retry, name, actor=who.name,
+                                    reason=body.reason or "retried by an operator")
+    return {"name": name, "job_id": retry_plan(plan)}
+
+
+def retry_plan(plan: service.RetryPlan) -> str:
+    """Execute a retry plan: the failed job through the core's retry, else a new run."""
+    if plan.job_id is not None:
+        try:
+            row = jobstore.operator_retry(plan.job_id)
+        except jobstore.JobStateConflict:
+            pass  # retried meanwhile by someone else: submit below dedupes by key
+        else:
+            publish(row["id"], row["type"], row["params"])
+            return str(row["id"])
+    sub = submit("migration.run", {"name": plan.name}, idempotency_key=plan.key, source="api")
+    return str(sub.job["id"])

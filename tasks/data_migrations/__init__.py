@@ -1,0 +1,1 @@
+"""Data migrations: named, batched, resumable changes of existing data, with their state."""

@@ -1,0 +1,97 @@
+"""Migration `xp_opening_balances`: an opening ledger entry for characters older than the
+ledger, so that characters.xp equals the sum of the character's xp_ledger rows for everyone.
+
+A character without an opening entry whose xp differs from its ledger sum held that
+difference before the ledger existed: it gets one `adjust` row for it. A character that
+already has an opening entry and still differs is not papered over: verify counts it,
+so the migration does not succeed until the audit has explained it.
+
+Why FOR SHARE on the batch's characters (ascending id, like every XP flow): the XP jobs
+lock a character FOR NO KEY UPDATE to change its xp, which conflicts with SHARE, so no
+award can land between reading xp and reading the ledger sum.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from tasks.data_migrations.registry import Batch, Context, Migration, Outcome, keyset_selector
+from tasks.data_migrations.registry import register as _register
+
+NAME = "xp_opening_balances"
+# The demo generator's opening rows say 'opening balance: ...' too; ours name the
+# migration, so the reverse deletes only what it made.
+REASON = "opening balance: XP held before the ledger (data migration xp_opening_balances)"
+OPENING = "x.kind = 'adjust' AND x.reason LIKE 'opening balance%'"
+
+TRANSFORM = text(f"""
+    WITH locked AS (
+        SELECT c.id, c.xp, c.created_at FROM characters c
+        WHERE c.id > :lower AND c.id <= :upper
+        ORDER BY c.id
+        FOR SHARE
+    ), sums AS (
+        SELECT l.id, l.xp, l.created_at,
+               coalesce((SELECT sum(x.delta) FROM xp_ledger x WHERE x.character_id = l.id), 0)
+                   AS total,
+               EXISTS (SELECT 1 FROM xp_ledger x WHERE x.character_id = l.id AND {OPENING})
+                   AS has_opening
+        FROM locked l
+    ), ins AS (
+        INSERT INTO xp_ledger (character_id, delta, kind, reason, created_at, job_id)
+        SELECT id, xp - total, 'adjust', :reason, created_at, :job_id
+        FROM sums WHERE xp <> total AND NOT has_opening
+        ORDER BY id
+        RETURNING 1
+    )
+    SELECT count(*) AS changed FROM ins
+""")
+
+
+def transform(session: Session, ctx: Context, batch: Batch) -> Outcome:
+    """Add the opening entries of characters (lower, upper]."""
+    row = session.execute(TRANSFORM, {
+        "lower": batch.lower if batch.lower is not None else -1, "upper": batch.upper,
+        "reason": REASON, "job_id": uuid.UUID(ctx.job_id) if ctx.job_id else None,
+    }).one()
+    return Outcome(int(row.changed))
+
+
+def verify(session: Session) -> int:
+    """Characters whose xp differs from their ledger sum (0 = done)."""
+    return int(session.execute(text("""
+        SELECT count(*) FROM characters c
+        LEFT JOIN (SELECT character_id, sum(delta) AS total FROM xp_ledger GROUP BY 1) l
+               ON l.character_id = c.id
+        WHERE c.xp <> coalesce(l.total, 0)
+    """)).scalar_one())
+
+
+def estimate(session: Session) -> int:
+    """Every character is visited."""
+    return int(session.execute(text("SELECT count(*) FROM characters")).scalar_one())
+
+
+def reverse(session: Session, batch: Batch) -> int:
+    """Delete the opening entries this migration made for characters (lower, upper]."""
+    return int(session.execute(text(
+        "DELETE FROM xp_ledger WHERE character_id > :lower AND character_id <= :upper "
+        "AND kind = 'adjust' AND reason = :reason"
+    ), {"lower": batch.lower if batch.lower is not None else -1, "upper": batch.upper,
+        "reason": REASON}).rowcount)  # type: ignore[attr-defined]
+
+
+MIGRATION = _register(Migration(
+    name=NAME,
+    description="Opening XP ledger entries for characters that predate the ledger, so xp "
+                "equals the ledger sum for everyone",
+    table="characters",
+    select_next=keyset_selector("characters"),
+    transform=transform,
+    verify=verify,
+    estimate=estimate,
+    reverse=reverse,
+))

@@ -1,0 +1,48 @@
+"""Params of the data-migration jobs; a migration name must be a registered one."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.data_migrations import registry
+
+
+def _known(name: str) -> str:
+    if name not in registry.names():
+        raise ValueError(f"unknown migration {name!r}; known: {', '.join(registry.names())}")
+    return name
+
+
+class MigrationRun(BaseModel):
+    """Run a data migration from its checkpoint to the end (or a pause, cancel, failure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=100, description="a registered migration")
+    batch_size: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="rows per batch, fixed (split only on a timeout); default: adapts to "
+                    "WARDEN_MIGRATION_BATCH_SECONDS",
+    )
+    dry_run: bool = Field(False, description="transform each batch and roll it back: "
+                                             "counts what would change, changes nothing")
+
+    _name = field_validator("name")(_known)
+
+
+class MigrationReverse(BaseModel):
+    """Undo what a data migration made and set it back to pending."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=100, description="a registered, reversible migration")
+    reason: str = Field(min_length=1, max_length=500, description="why (operator log)")
+    actor: str = Field("api", max_length=100, description="who asked (operator log)")
+
+    _name = field_validator("name")(_known)
+
+
+class RetryFailed(BaseModel):
+    """Retry every failed migration whose attempt budget is not spent (beat, hourly)."""
+
+    model_config = ConfigDict(extra="forbid")
