@@ -2,7 +2,8 @@
 
 Why in-process and serial: a worker's pool child runs these same calls one after another,
 so the median wall time of each step (on an otherwise idle machine) says which of the
-lease, claim, run, finish and release costs the drain rate its jobs/s. The reference
+claim (owner, lease, epoch in one UPDATE) and the fenced outcome write costs the drain rate
+its jobs/s. The reference
 lines (an empty transaction, a Redis PING) show how much of it is round trips.
 """
 
@@ -63,10 +64,10 @@ def run(svc: Services) -> list[str]:
     import structlog
     from sqlalchemy import text
 
-    from workers import jobstore, leases
+    from workers import identity, jobstore
     from workers.db import session_scope
     from workers.enqueue import job_types, submit
-    from workers.jobs import job_lease_key
+    from workers.jobs import Run, _heartbeat
     from workers.redis_client import get_redis
 
     svc.reset_queues()
@@ -81,21 +82,23 @@ def run(svc: Services) -> list[str]:
     timer = _Timer()
     try:
         for jid in ids:
-            with timer("lease"):
-                lease = leases.acquire(job_lease_key(jid))
             with timer("claim"):
-                claim = jobstore.claim(jid, "platform.ping", raw, worker, 5)
-            assert lease is not None and claim.action == "run", claim
+                owner = identity.new_token()
+                claim = jobstore.claim(jid, "platform.ping", raw, owner, worker, 5)
+            assert claim.action == "run", claim
+            run = Run(jid, claim.epoch, owner, claim.attempts, claim.max_attempts)
             task.push_request(id=jid)
+            task._local.run = run
             try:
-                with timer("run"):
-                    result = task.run(task.parse_params(raw))
+                # ping's body records its outcome itself (self.complete, fenced by the epoch)
+                with timer("run+complete"):
+                    _heartbeat.add(run)
+                    task.run(task.parse_params(raw))
+                    _heartbeat.discard(run)
             finally:
+                task._local.run = None
                 task.pop_request()
-            with timer("finish"):
-                jobstore.succeed(jid, result, worker)
-            with timer("release"):
-                leases.release(lease)
+            assert run.completed
             with timer("2 log lines"):
                 log.info("job.started", attempt=1)
                 log.info("job.succeeded", attempt=1)
@@ -105,7 +108,7 @@ def run(svc: Services) -> list[str]:
                 get_redis().ping()
     finally:
         restore()
-    steps = ["lease", "claim", "run", "finish", "release", "2 log lines"]
+    steps = ["claim", "run+complete", "2 log lines"]
     total = sum(timer.median_ms(k) for k in steps)
     return [
         f"  ping steps, median ms over {JOBS} serial jobs in-process: "

@@ -325,8 +325,9 @@ class JobTask(Task):
                                    self.max_attempts or settings.max_attempts,
                                    singleton=self.singleton)
         except Exception as exc:
-            # Postgres unreachable past the retry budget: the message must come back.
-            log.warning("job.claim_failed", error=describe(exc))
+            # Postgres unreachable past the retry budget (or a bug): the message must come
+            # back, never be dropped.
+            log.error("job.claim_failed", error=describe(exc))
             time.sleep(min(5.0, backoff(1)))
             raise Reject(exc, requeue=True) from exc
         if claim.idempotency_key:

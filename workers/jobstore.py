@@ -230,10 +230,11 @@ def _adopt(s: Any, jid: uuid.UUID, job_type: str, params: Any, args: dict[str, A
     row = s.execute(
         text("INSERT INTO job_runs (id, type, params, status, attempts, max_attempts, source, "
              "started_at, published_at, delivered_at, worker, owner, epoch, lease_expires_at, "
-             "error_code, error_message, finished_at) VALUES (:id, :t, CAST(:p AS jsonb), :st, "
-             "1, :m, 'celery', now(), now(), now(), :w, :o, 1, "
+             "error_code, error_message, finished_at) VALUES (:id, :t, CAST(:p AS jsonb), "
+             "CAST(:st AS varchar), 1, :m, 'celery', now(), now(), now(), :w, :o, 1, "
              "now() + make_interval(secs => :ttl), :c, :msg, "
-             "CASE WHEN :st = 'failed' THEN now() END) ON CONFLICT (id) DO NOTHING "
+             "CASE WHEN CAST(:st AS varchar) = 'failed' THEN now() END) "
+             "ON CONFLICT (id) DO NOTHING "
              "RETURNING epoch"),
         {**args, "p": json.dumps(stored, default=str), "m": default_max_attempts, "st": status,
          "c": code, "msg": message},
