@@ -31,6 +31,9 @@ def main() -> int:
     duration = _env_float("WARDEN_BENCH_DURATION", 10.0)
     rounds = _env_int("WARDEN_BENCH_ROUNDS", 2)
     only = os.environ.get("WARDEN_BENCH_ONLY", "")
+    # backup/verify (bench/backup.py, bench/verify.py): the 1M-character data set
+    backup_characters = _env_int("WARDEN_BENCH_BACKUP_CHARACTERS", 1_000_000)
+    backup_rounds = _env_int("WARDEN_BENCH_BACKUP_ROUNDS", 2)
 
     from bench import enqueue_api, phases, ping
     from bench.services import services
@@ -50,6 +53,13 @@ def main() -> int:
                 print(line, flush=True)
         if only in ("", "api"):
             for line in enqueue_api.run(svc, clients, duration, rounds):
+                print(line, flush=True)
+        if only in ("", "backup"):
+            from bench import backup, verify
+
+            for line in backup.run(svc, backup_characters, backup_rounds):
+                print(line, flush=True)
+            for line in verify.run(svc, backup_rounds):
                 print(line, flush=True)
     print(f"# done in {time.monotonic() - started:.0f} s", flush=True)
     return 0

@@ -44,4 +44,25 @@ SCHEDULE: tuple[Entry, ...] = (
         slot_format="%Y-%m-%dT%H",
         params={},
     ),
+    # Backups (tasks/backups): nightly, when the service is quietest. The create job
+    # submits the verification of its own backup (keyed by the backup id) the moment it has
+    # committed; prune follows three hours later, and keeps any backup still being verified.
+    # expires 6 h: a backup not started by 08:30 would run into the day's traffic; the next
+    # night makes one (and WardenBackupVerifiedTooOld fires after two missed nights).
+    Entry(
+        name="backup-nightly",
+        task="backup.create",
+        cron={"minute": "30", "hour": "2"},
+        expires=6 * 3600,
+        slot_format="%Y-%m-%d",
+        params={"verify": True},
+    ),
+    Entry(
+        name="backup-prune",
+        task="backup.prune",
+        cron={"minute": "30", "hour": "5"},
+        expires=6 * 3600,
+        slot_format="%Y-%m-%d",
+        params={},
+    ),
 )

@@ -1,0 +1,142 @@
+"""Backup gauges, read from the backups table at scrape time.
+
+Why a collector reading the table (not gauges set by the jobs): the jobs run in workers,
+/metrics is served by every API process; the table is the one place all of them agree on,
+however many there are (aggregate with max()).
+
+A timestamp of 0 means "never": a deployment with no verified backup is not protected, and
+the age alert says so from its first day.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+
+from celery.schedules import crontab
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+
+from schedules import SCHEDULE
+from workers.db import session_scope
+from workers.metrics import REGISTRY
+from workers.settings import get_settings
+
+CREATE_TASK = "backup.create"
+
+_NEWEST = text("""
+SELECT
+  (SELECT extract(epoch FROM max(snapshot_at)) FROM backups WHERE status = 'succeeded'),
+  v.taken, v.restore_seconds
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (
+  SELECT extract(epoch FROM snapshot_at) AS taken, restore_seconds FROM backups
+  WHERE status = 'succeeded' AND verdict = 'passed' ORDER BY snapshot_at DESC, id DESC LIMIT 1
+) v ON true
+""")
+
+
+@lru_cache(maxsize=8)
+def cron_period(minute: str = "*", hour: str = "*", day_of_week: str = "*",
+                day_of_month: str = "*", month_of_year: str = "*") -> float:
+    """The longest gap between two firings of a crontab over a 62-day window, in seconds
+    (a nightly entry: 86400). No firing twice in the window: the window itself."""
+    spec = crontab(minute=minute, hour=hour, day_of_week=day_of_week,
+                   day_of_month=day_of_month, month_of_year=month_of_year)
+    start = datetime(2026, 1, 1, tzinfo=UTC)  # any fixed day: only the gaps matter
+    days = 62
+    fires: list[datetime] = []
+    for d in range(days):
+        day = start + timedelta(days=d)
+        # celery counts days of the week from Sunday = 0
+        if (day.isoweekday() % 7 not in spec.day_of_week or day.day not in spec.day_of_month
+                or day.month not in spec.month_of_year):
+            continue
+        fires += [day.replace(hour=h, minute=m) for h in sorted(spec.hour)
+                  for m in sorted(spec.minute)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(fires)]
+    return max(gaps) if gaps else float(days * 86400)
+
+
+def schedule_period() -> float | None:
+    """The period of the beat entry that runs backup.create (None without one)."""
+    entry = next((e for e in SCHEDULE if e.task == CREATE_TASK), None)
+    return cron_period(**entry.cron) if entry is not None else None
+
+
+class BackupCollector(Collector):
+    """Newest successful and newest verified backup, and that one's restore time."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._cache: tuple[float, tuple[float | None, float | None, float | None]] | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Registration must not query the database (the API may start before it is up).
+        yield from self._families((None, None, None))
+
+    def _read(self) -> tuple[float | None, float | None, float | None]:
+        with self._lock:
+            if self._cache and self._cache[0] > time.monotonic():
+                return self._cache[1]
+            with session_scope() as s:
+                row = s.execute(_NEWEST).one()
+            values = tuple(None if v is None else float(v) for v in row)
+            self._cache = (time.monotonic() + self.ttl, values)  # type: ignore[assignment]
+            return values  # type: ignore[return-value]
+
+    def _families(self, values: tuple[float | None, float | None, float | None]
+                  ) -> Iterator[GaugeMetricFamily]:
+        success, verified, restore = values
+        yield GaugeMetricFamily(
+            "warden_backup_last_success_timestamp_seconds",
+            "Snapshot time of the newest backup that succeeded and still has its file (0: none)",
+            value=success or 0.0)
+        yield GaugeMetricFamily(
+            "warden_backup_last_verified_timestamp_seconds",
+            "Snapshot time of the newest backup that passed verification (0: none)",
+            value=verified or 0.0)
+        family = GaugeMetricFamily(
+            "warden_backup_last_verified_restore_seconds",
+            "How long restoring the newest verified backup took (its measured RTO)")
+        if restore is not None:
+            family.add_metric([], restore)
+        yield family
+        period = schedule_period()
+        if period is not None:
+            yield GaugeMetricFamily(
+                "warden_backup_schedule_period_seconds",
+                "Period of the backup.create beat entry (schedules/__init__.py)", value=period)
+        yield GaugeMetricFamily(
+            "warden_backup_rto_objective_seconds",
+            "The restore time objective (WARDEN_BACKUP_RTO_OBJECTIVE)",
+            value=get_settings().backup_rto_objective)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            values = self._read()
+        except Exception:  # database down or table missing: other alerts say so
+            return
+        yield from self._families(values)
+
+
+_registered = False
+_register_lock = threading.Lock()
+
+
+def register() -> None:
+    """Add the collector to workers.metrics.REGISTRY once per process."""
+    global _registered
+    with _register_lock:
+        if not _registered:
+            REGISTRY.register(BackupCollector())
+            _registered = True
+
+
+register()

@@ -1,0 +1,95 @@
+"""Backup tasks: create, verify and prune (thin wrappers over tasks.backups.service).
+
+The nightly chain: beat submits backup.create; the create job, once its backup row has
+committed, submits backup.verify for that backup keyed `backup-verify:<backup id>` (so the
+verification always names the backup it follows, however long the dump took, and a
+repeated create cannot queue it twice); beat submits backup.prune later in the night, which
+also submits the verification of the newest backup if that submission was lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from tasks.backups import service
+from tasks.backups.schemas import CreateBackup, PruneBackups, VerifyBackup
+from workers.app import app
+from workers.db import session_scope
+from workers.jobs import JobTask
+
+log = structlog.get_logger("warden.backups")
+
+
+def verify_key(backup_id: int) -> str:
+    """The idempotency key of a backup's follow-up verification."""
+    return f"backup-verify:{backup_id}"
+
+
+def _submit_verify(backup_id: int, source: str) -> str | None:
+    from workers.enqueue import submit
+
+    try:
+        sub = submit("backup.verify", {"backup_id": backup_id},
+                     idempotency_key=verify_key(backup_id), source=source)
+    except Exception as exc:  # the prune job's backstop submits it later
+        log.warning("backup.verify_not_submitted", backup_id=backup_id, error=str(exc))
+        return None
+    return str(sub.job["id"])
+
+
+@app.task(name="backup.create", base=JobTask, params=CreateBackup, bind=True, singleton=True,
+          max_attempts=3)
+def create(self: JobTask, params: CreateBackup) -> dict[str, Any]:
+    """pg_dump -Fc of the application database, with a manifest, then its verification.
+
+    Idempotency: the backup row carries the job id; a repeated run of a job whose backup
+    succeeded returns that backup (no second dump), and a run that died leaves a `running`
+    row the next run marks failed with its files removed. The verification is submitted with
+    the key `backup-verify:<backup id>`.
+    """
+    result = service.create_backup(self.job_id, session=self.session, complete=self.complete,
+                                   check_owned=self.check_owned)
+    if params.verify:
+        # After the commit above: the verification must find the backup succeeded.
+        _submit_verify(int(result["backup_id"]), "backup.create")
+    return result
+
+
+@app.task(name="backup.verify", base=JobTask, params=VerifyBackup, bind=True, singleton=True,
+          max_attempts=3)
+def verify(self: JobTask, params: VerifyBackup) -> dict[str, Any]:
+    """Prove a backup restorable: checksum, TOC, restore into a scratch database, row counts
+    against the manifest, integrity checks on the copy; the verdict is stored on the backup.
+
+    Idempotency: the verdict is a pure function of the file and is written over the previous
+    one, keyed by the backup id; the scratch database has a fresh name each run and is
+    dropped (a leftover of a killed run is dropped by the next).
+    """
+    return service.verify_backup(params.backup_id, self.job_id, session=self.session,
+                                 complete=self.complete, check_owned=self.check_owned)
+
+
+@app.task(name="backup.prune", base=JobTask, params=PruneBackups, bind=True, singleton=True)
+def prune(self: JobTask, params: PruneBackups) -> dict[str, Any]:
+    """Apply retention (7 daily, 4 weekly, 6 monthly by default), never deleting the newest
+    verified backup nor one whose verification is pending.
+
+    Idempotency: pruned rows are marked in one transaction with the job's outcome; files of
+    pruned rows are deleted after it commits, and again by any later run, so a second run
+    deletes nothing more.
+    """
+    policy = service.policy_from_settings(params.keep_daily, params.keep_weekly,
+                                          params.keep_monthly)
+    with self.session() as s:
+        result = service.prune_backups(s, policy, dry_run=params.dry_run,
+                                       actor=f"job:{self.job_id}")
+        result = self.complete(s, result)
+    if not params.dry_run:
+        service.remove_pruned_files()
+        with session_scope() as s:
+            pending = service.newest_unverified(s)
+        if pending is not None:
+            _submit_verify(pending, "backup.prune")
+    return result
