@@ -176,3 +176,93 @@ def xp_cost_sql(kind: str, value: str) -> str:
     ability = (f"WHEN 'ability' THEN CASE WHEN {value} = 1 THEN {XP_NEW_ABILITY_COST} "
                f"ELSE ({value} - 1) * {XP_COST_MULTIPLIER['ability']} END")
     return f"CASE {kind} {ability} {whens} END"
+
+
+# --- Integrity checks, validation and the health report (tasks/audits, tasks/validation,
+# tasks/reports). domain/checks.py turns these into SQL and Python; nothing restates them.
+# DOMAIN.md "Integrity checks", in its order: the names the audit, its API and CLI use.
+INTEGRITY_CHECKS: tuple[str, ...] = (
+    "negative_xp", "unknown_status", "attribute_range", "ability_range", "willpower_range",
+    "age_range", "duplicate_st_relationships", "scene_xp",
+)
+# The check each character rule of check_sql() belongs to (checks 1-6).
+CHARACTER_RULE_CHECKS: dict[str, str] = {
+    "xp_nonnegative": "negative_xp",
+    "status_known": "unknown_status",
+    **{f"{name}_range": "attribute_range" for name in ATTRIBUTES},
+    **{f"{name}_range": "ability_range" for name in ABILITIES},
+    "willpower_range": "willpower_range",
+    "temporary_willpower_range": "willpower_range",
+    "temporary_willpower_le_willpower": "willpower_range",
+    "age_range": "age_range",
+    "apparent_age_range": "age_range",
+}
+# The fixes. Check 1: negative XP is set to this floor ("xp >= 0").
+XP_FLOOR = 0
+# Check 2: an unknown status becomes DEFAULT_STATUS; no transition leads there from an
+# unknown code, so the audit records it as a forced status change.
+# Checks 3-5: a trait outside its TRAIT_RANGES entry is clamped to it; then a temporary
+# value above its cap (the permanent trait, after its own clamp) is set to the cap.
+TRAIT_CAPS: dict[str, str] = {"temporary_willpower": "willpower"}
+# Check 6: a NULLABLE_RANGES value below its range becomes unknown (NULL); above, the top.
+NULLABLE_BELOW_RANGE_FIX: None = None
+# Check 7: one ST relationship per triple; the audit keeps the lowest id, deletes the rest.
+ST_RELATIONSHIP_KEY: tuple[str, ...] = ("user_id", "chronicle_id", "gameline")
+# Check 8, as the CHECK constraint on scenes says it (ck_scenes_xp_given_finished): XP is
+# given only for a finished scene. A breach is a finding without an automatic fix (which
+# flag is wrong takes a storyteller). A finished scene still awaiting XP is reported (it
+# is work to do, not broken data) and is what the health report counts as awaiting.
+SCENE_XP_GIVEN_CHECK = "finished OR NOT xp_given"
+SCENE_AWAITING_XP = "finished AND NOT xp_given"
+
+# Validation's cross-row rules (DOMAIN.md "XP flows": every XP movement is a ledger row).
+XP_LEDGER_RULE = "xp_matches_ledger"  # characters.xp = sum(xp_ledger.delta)
+# A pending spend request names a SPENDABLE_TRAITS trait, a value inside that trait's
+# range, and a cost of at least SPEND_COST_MIN (the cost_positive constraint: cost > 0).
+SPEND_RULES: tuple[str, ...] = ("spend_trait_known", "spend_value_in_range",
+                                "spend_cost_positive")
+SPEND_COST_MIN = 1
+# Severity of an issue. DOMAIN.md grades nothing; ours: a warning is descriptive data no
+# flow reads (ages), an error breaks what a flow or a constraint relies on.
+SEVERITIES: tuple[str, ...] = ("error", "warning")
+# Health report (DOMAIN.md): the score starts here and never goes below the floor; the
+# penalties and thresholds are the HEALTH_* numbers above.
+HEALTH_FULL_SCORE = 100
+HEALTH_SCORE_FLOOR = 0
+WARNING_RULES: frozenset[str] = frozenset({"age_range", "apparent_age_range"})
+
+
+def severity(rule: str) -> str:
+    """error or warning, for a rule key of check_sql(), SPEND_RULES or XP_LEDGER_RULE."""
+    return "warning" if rule in WARNING_RULES else "error"
+
+
+def _canonical(value: object) -> object:
+    """A JSON-able, order-stable form of a rule constant (for rules_version)."""
+    if isinstance(value, Range):
+        return [value.low, value.high, value.default]
+    if isinstance(value, dict):
+        return [[str(k), _canonical(v)] for k, v in sorted(value.items(), key=lambda i: str(i[0]))]
+    if isinstance(value, frozenset | set):
+        return sorted(_canonical(v) for v in value)  # type: ignore[type-var]
+    if isinstance(value, tuple | list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def rules_version() -> str:
+    """A hash of every rule constant of this module (UPPER_CASE data) and of check_sql().
+
+    Validation caches verdicts under it, so any edit of a rule here (a range, a status, a
+    cost, a severity) invalidates every cached verdict without anyone bumping a number.
+    Computed on each call (cheap: ~50 constants), so constants appended by any section count.
+    """
+    import hashlib
+    import json
+
+    data = {name: _canonical(value) for name, value in sorted(globals().items())
+            if name.isupper() and isinstance(value, int | float | str | tuple | list | dict |
+                                             frozenset | Range | type(None))}
+    data["check_sql()"] = _canonical(check_sql())
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -65,4 +65,35 @@ SCHEDULE: tuple[Entry, ...] = (
         slot_format="%Y-%m-%d",
         params={},
     ),
+    # Audits, validation, health (tasks/audits, tasks/validation, tasks/reports).
+    # The nightly audit checks only (fixing is an operator's decision: `warden audit --fix`),
+    # at 03:00, after the backup; expires 6 h like the backup's (the next night audits).
+    Entry(
+        name="audit-nightly",
+        task="audit.integrity",
+        cron={"minute": "0", "hour": "3"},
+        expires=6 * 3600,
+        slot_format="%Y-%m-%d",
+        params={"fix": False},
+    ),
+    # Every 15 minutes; a slot not started within its 15 minutes is dropped (the next one
+    # reads from the same watermark, so nothing is missed).
+    Entry(
+        name="validation-incremental",
+        task="validation.characters",
+        cron={"minute": "*/15"},
+        expires=15 * 60,
+        slot_format="%Y-%m-%dT%H:%M",
+        params={"mode": "incremental"},
+    ),
+    # Hourly, over the last 24 hours (the seed's cron did the same with --json); a degraded
+    # report alerts the webhook. Expires within its hour: the next report supersedes it.
+    Entry(
+        name="health-hourly",
+        task="report.health",
+        cron={"minute": "0"},
+        expires=3600,
+        slot_format="%Y-%m-%dT%H",
+        params={"period_hours": 24, "alert": True},
+    ),
 )

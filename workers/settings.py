@@ -110,6 +110,23 @@ class Settings(BaseSettings):
     backup_keep_monthly: int = Field(6, ge=0, le=1200)
     backup_rto_objective: float = Field(3600.0, gt=0)
 
+    # Audits, validation and health reports (tasks/audits, tasks/validation, tasks/reports).
+    # A fix waits at most this long (s) for each row lock; a writer holding one longer fails
+    # the run (transient: it retries) instead of everything queuing behind the audit.
+    audit_lock_timeout: float = Field(30.0, gt=0)
+    # Cached verdicts live this long (s); the seed's character service used 3600.
+    validation_cache_ttl: int = Field(3600, ge=1)
+    # Characters per chunk of a fanned-out sweep (~1-2 s of work each on a 2-core machine,
+    # bench/validation.py); a sweep with fewer candidates runs inline in one job.
+    validation_chunk_size: int = Field(25_000, ge=10, le=1_000_000)
+    # Incremental sweeps re-read this much (s) before the last sweep's start, for writes
+    # whose transaction began before it and committed after (the cache skips the rest).
+    validation_watermark_overlap: float = Field(300.0, ge=0)
+    # A degraded health report is POSTed here (JSON); unset: no alert. A SecretStr: such
+    # URLs often carry a token (Slack, PagerDuty). Each POST waits at most alert_timeout s.
+    alert_webhook_url: SecretStr | None = None
+    alert_timeout: float = Field(10.0, gt=0)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.task_soft_time_limit >= self.task_time_limit:

@@ -1,0 +1,110 @@
+"""Audit runs over HTTP: the runs, one run's findings (paged by cursor, filtered by check)
+and a fix run's changed rows. Running an audit is a job (`POST /v1/jobs` with
+`audit.integrity`); undoing a fix is `warden audit undo`, an operator action."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+
+from api_stub.auth import require
+from domain import rules
+from tasks.audits import service
+from tasks.audits.schemas import (
+    AuditRunDetail,
+    AuditRunOut,
+    AuditRunPage,
+    ChangeOut,
+    ChangePage,
+    FindingOut,
+    FindingPage,
+)
+from workers.db import session_scope
+from workers.tokens import Principal
+
+router = APIRouter(prefix="/v1/audits", tags=["audits"])
+CHECK_PATTERN = "^(" + "|".join(rules.INTEGRITY_CHECKS) + ")$"
+
+
+def after_cursor(cursor: str | None) -> int | None:
+    """The id a cursor stands for; a 422 naming the field when it is not one of ours."""
+    if cursor is None:
+        return None
+    try:
+        return service.decode_cursor(cursor)
+    except ValueError:
+        raise RequestValidationError([{"loc": ("query", "cursor"), "msg": "invalid cursor",
+                                       "type": "value_error"}]) from None
+
+
+def _list(limit: int, before: int | None) -> AuditRunPage:
+    with session_scope() as s:
+        rows = service.list_runs(s, limit=limit + 1, before_id=before)
+    items = [AuditRunOut(**r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return AuditRunPage(items=items,
+                        next_cursor=service.encode_cursor(items[-1].id) if more else None)
+
+
+def _detail(run_id: int, check: str | None, limit: int, after: int | None) -> AuditRunDetail:
+    with session_scope() as s:
+        try:
+            run = service.get_run(s, run_id)
+        except service.AuditRunNotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        rows = service.findings(s, run_id, check=check, limit=limit + 1, after_id=after)
+    items = [FindingOut(**r) for r in rows[:limit]]
+    cursor = service.encode_cursor(items[-1].id) if len(rows) > limit else None
+    return AuditRunDetail(run=AuditRunOut(**run),
+                          findings=FindingPage(items=items, next_cursor=cursor))
+
+
+def _changes(run_id: int, limit: int, after: int | None) -> ChangePage:
+    with session_scope() as s:
+        try:
+            service.get_run(s, run_id)
+        except service.AuditRunNotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        rows = service.changes(s, run_id, limit=limit + 1, after_id=after)
+    items = [ChangeOut(**r) for r in rows[:limit]]
+    cursor = service.encode_cursor(items[-1].id) if len(rows) > limit else None
+    return ChangePage(items=items, next_cursor=cursor)
+
+
+@router.get("", response_model=AuditRunPage)
+async def list_audits(
+    _: Annotated[Principal, Depends(require("read"))],
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> AuditRunPage:
+    """Audit runs, newest first; pass next_cursor back for the next page."""
+    before = after_cursor(cursor)
+    return await run_in_threadpool(_list, limit, before)
+
+
+@router.get("/{run_id}", response_model=AuditRunDetail)
+async def get_audit(
+    run_id: Annotated[int, Path(ge=1)],
+    _: Annotated[Principal, Depends(require("read"))],
+    check: Annotated[str | None, Query(pattern=CHECK_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> AuditRunDetail:
+    """One run with a page of its findings in id order (optionally of one check)."""
+    after = after_cursor(cursor)
+    return await run_in_threadpool(_detail, run_id, check, limit, after)
+
+
+@router.get("/{run_id}/changes", response_model=ChangePage)
+async def get_audit_changes(
+    run_id: Annotated[int, Path(ge=1)],
+    _: Annotated[Principal, Depends(require("read"))],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> ChangePage:
+    """A fix run's changed rows with their before and after values (what an undo uses)."""
+    after = after_cursor(cursor)
+    return await run_in_threadpool(_changes, run_id, limit, after)

@@ -1,0 +1,1 @@
+"""Integrity audits: DOMAIN.md's eight checks as set-based SQL, stored runs, reviewed fixes."""

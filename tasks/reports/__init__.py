@@ -1,0 +1,1 @@
+"""Health reports: DOMAIN.md's hourly score, stored with history, alerts to a webhook."""

@@ -1,0 +1,1 @@
+"""Character validation: every rule per character, incremental and cached, issue lifecycles."""
