@@ -41,7 +41,8 @@ SCAN_LIMIT = 2000
 _UNPUBLISHED = text(
     "SELECT id, type, params FROM job_runs "
     "WHERE status IN ('queued', 'retrying') AND published_at IS NULL "
-    "AND updated_at < now() - make_interval(secs => :grace) "
+    # A parent put back by its last child has no producer of its own: no grace for it.
+    "AND (updated_at < now() - make_interval(secs => :grace) OR children_total > 0) "
     "AND COALESCE(next_attempt_at, not_before, '-infinity') <= now() "
     "ORDER BY updated_at LIMIT :n"
 )

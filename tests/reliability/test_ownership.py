@@ -122,6 +122,17 @@ def test_a_retry_whose_publish_failed_still_runs_with_no_api(
     worker = start_worker(services, "retrypub", concurrency=1, env=iso.env)
     try:
         job_id = iso.insert_job("testing.flaky", {"fail_retry_publish": True})
+        # its first message is sent as the accepting API sends it (and the row marked
+        # published), so the only message missing is the retry's
+        from kombu import Connection
+
+        from workers.app import app
+
+        with psycopg.connect(iso.database_url, autocommit=True) as conn:
+            conn.execute("UPDATE job_runs SET published_at = now() WHERE id = %s", (job_id,))
+        with Connection(iso.redis_url) as broker:
+            app.send_task("testing.flaky", kwargs={"params": {"fail_retry_publish": True}},
+                          task_id=job_id, connection=broker)
         _wait_started(iso, job_id)
         redis.Redis.from_url(iso.redis_url).set(f"testing:fixed:{job_id}", "1")
         # then the retry is recorded, sent by the relay when due, and the job succeeds
@@ -149,39 +160,56 @@ def test_a_lost_message_still_runs_with_no_api(services: Services, iso: Isolated
         worker.stop()
 
 
-def test_a_queued_message_waiting_in_a_long_queue_is_not_sent_again(
+def test_a_message_waiting_in_the_queue_is_not_sent_again_but_a_lost_one_is(
     services: Services, iso: Isolated
 ) -> None:
-    # given a job published long ago and never delivered, whose message IS in the queue
-    # (no worker consumes it yet), and a relay running in a beat process
+    # given two jobs published a minute ago and never delivered (no worker consumes yet):
+    # one whose message IS in the queue, one whose message Redis lost; and a relay process
     from kombu import Connection
 
     from workers.app import app
 
-    job_id = iso.insert_job("testing.sleep_effect", {"seconds": 0})
+    waiting = iso.insert_job("testing.sleep_effect", {"seconds": 0})
+    lost = iso.insert_job("testing.sleep_effect", {"seconds": 0})
     with psycopg.connect(iso.database_url, autocommit=True) as conn:
         conn.execute("UPDATE job_runs SET published_at = now() - interval '1 minute' "
-                     "WHERE id = %s", (job_id,))
+                     "WHERE id = ANY(%s)", ([waiting, lost],))
     with Connection(iso.redis_url) as broker:
         app.send_task("testing.sleep_effect", kwargs={"params": {"seconds": 0}},
-                      task_id=job_id, connection=broker)
-    relay = Proc(["relay"], services.env(**iso.env), services.data_dir / f"relay-{job_id}.log")
+                      task_id=waiting, connection=broker)
+    relay = Proc(["relay"], services.env(**iso.env), services.data_dir / f"relay-{lost}.log")
     try:
-        time.sleep(5)  # several relay passes (0.5 s each in tests)
-        # then the relay left it alone: still one message in the queue, published_at unchanged
-        assert redis.Redis.from_url(iso.redis_url).llen("warden") == 1
-        assert iso.count("SELECT count(*) FROM job_runs WHERE id = %s AND "
-                         "published_at < now() - interval '50 seconds'", job_id) == 1
+        deadline = time.monotonic() + 20
+        queued: list[str] = []
+        while time.monotonic() < deadline:
+            queued = sorted(_queued_ids(iso.redis_url))
+            if len(queued) >= 2:
+                break
+            time.sleep(0.2)
+        time.sleep(3)  # several more relay passes (0.5 s each in tests)
+        # then the relay sent the lost one once, and left the waiting one alone
         assert relay.alive(), relay.tail()
+        assert sorted(_queued_ids(iso.redis_url)) == sorted([waiting, lost])
+        assert iso.count("SELECT count(*) FROM job_runs WHERE id = %s AND "
+                         "published_at < now() - interval '50 seconds'", waiting) == 1
     finally:
         relay.stop()
+
+
+def _queued_ids(redis_url: str) -> list[str]:
+    import json
+
+    raw = redis.Redis.from_url(redis_url).lrange("warden", 0, -1)
+    return [json.loads(m)["headers"]["id"] for m in raw]
 
 
 def test_dropped_broker_connections_do_not_cancel_running_jobs(
     services: Services, iso: Isolated
 ) -> None:
-    # given a worker running a 4-second job
-    worker = start_worker(services, "connloss", concurrency=1, env=iso.env)
+    # given a worker running a 4-second job, with a free pool slot: its consumer keeps a
+    # BRPOP in flight, so it sees a dropped connection at once (with one slot and
+    # prefetch 1 it reads nothing until the job ends, and never notices the drop)
+    worker = start_worker(services, "connloss", concurrency=2, env=iso.env)
     try:
         job_id = iso.insert_job("testing.sleep_effect", {"seconds": 4})
         _wait_started(iso, job_id)
@@ -218,12 +246,16 @@ def test_two_deployments_share_one_redis_by_prefix(
                 procs.append(start_worker(services, name, concurrency=1, env=env))
                 procs.append(Proc(["beat"], services.env(**env),
                                   services.data_dir / f"beat-{name}-{os.getpid()}.log"))
+            # and a third deployment on that Redis (no prefix) holding its relay's lease
+            third = redis.Redis.from_url(iso.redis_url)
+            third.set("warden:lease:relay", "other-host:0:1:third", px=120_000)
             # when each deployment accepts a job while its publish was missed
             ja = iso.insert_job("testing.sleep_effect", {"seconds": 0})
             jb = other.insert_job("testing.sleep_effect", {"seconds": 0})
             # then each deployment's relay sends its own, and each runs once, in its database
             assert iso.wait(ja, {"succeeded"}, timeout=30)["attempts"] == 1
             assert other.wait(jb, {"succeeded"}, timeout=30)["attempts"] == 1
+            third.delete("warden:lease:relay")  # the third deployment's, not a stray of theirs
             # and each beat holds its own RedBeat lock, under its prefix
             r = redis.Redis.from_url(iso.redis_url, decode_responses=True)
             deadline = time.monotonic() + 30

@@ -125,23 +125,26 @@ def fan_chunk(self: JobTask, params: ChunkParams) -> dict[str, int]:
         return self.complete(s, {"n": params.n})
 
 
-_in_pool_child = False
-
-
 @signals.worker_process_init.connect
-def _mark_pool_child(**_: Any) -> None:
-    global _in_pool_child
-    _in_pool_child = True
-
-
-@signals.before_task_publish.connect
-def _fail_marked_publishes(body: Any = None, **_: Any) -> None:
+def _refuse_marked_publishes(**_: Any) -> None:
     """Fault injection: inside a pool child, a job whose params ask for it cannot be
     published (as when Redis refuses the retry's message); the main process (its relay)
-    and other producers publish it normally."""
-    try:
-        params = body[1]["params"]
-    except (TypeError, KeyError, IndexError):
-        return
-    if _in_pool_child and isinstance(params, dict) and params.get("fail_retry_publish"):
-        raise ConnectionError("publish refused (fault injection)")
+    and other producers publish it normally.
+
+    It wraps kombu's Producer.publish: an exception raised in a before_task_publish handler
+    does not stop the publish (Celery's Signal.send logs "Signal handler ... raised" and
+    sends the message anyway)."""
+    from kombu import Producer
+
+    real = Producer.publish
+
+    def publish(self: Producer, body: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            params = body[1]["params"]
+        except (TypeError, KeyError, IndexError):
+            params = None
+        if isinstance(params, dict) and params.get("fail_retry_publish"):
+            raise ConnectionError("publish refused (fault injection)")
+        return real(self, body, *args, **kwargs)
+
+    Producer.publish = publish  # type: ignore[method-assign]
