@@ -100,9 +100,11 @@ class JobRun(Base):
         # docs/job-table-at-scale.md for their plans at 10M rows).
         Index("ix_job_runs_unpublished", "updated_at", postgresql_where=text(
             "published_at IS NULL AND status IN ('queued','retrying')")),
-        Index("ix_job_runs_undelivered", "published_at", postgresql_where=text(
-            "delivered_at IS NULL AND published_at IS NOT NULL "
-            "AND status IN ('queued','retrying')")),
+        Index("ix_job_runs_undelivered",
+              text("GREATEST(published_at, COALESCE(next_attempt_at, not_before, "
+                   "'-infinity'))"),
+              postgresql_where=text("delivered_at IS NULL AND published_at IS NOT NULL "
+                                    "AND status IN ('queued','retrying')")),
         Index("ix_job_runs_running_lease", "lease_expires_at",
               postgresql_where=text("status = 'running'")),
         Index("ix_job_runs_unfinished", "status", "type", "created_at", postgresql_where=text(

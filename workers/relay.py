@@ -46,12 +46,14 @@ _UNPUBLISHED = text(
     "AND COALESCE(next_attempt_at, not_before, '-infinity') <= now() "
     "ORDER BY updated_at LIMIT :n"
 )
+# Ordered by when delivery became due (the later of the publish and the due time), the key
+# of ix_job_runs_undelivered: countdowns and backoffs not yet due are never read.
+_DUE = "GREATEST(published_at, COALESCE(next_attempt_at, not_before, '-infinity'))"
 _UNDELIVERED = text(
     "SELECT id, type, params, published_at FROM job_runs "
     "WHERE status IN ('queued', 'retrying') AND delivered_at IS NULL "
-    "AND published_at IS NOT NULL AND published_at < now() - make_interval(secs => :lost) "
-    "AND COALESCE(next_attempt_at, not_before, '-infinity') < now() - make_interval(secs => :lost) "
-    "ORDER BY published_at LIMIT :n"
+    f"AND published_at IS NOT NULL AND {_DUE} < now() - make_interval(secs => :lost) "
+    f"ORDER BY {_DUE} LIMIT :n"
 )
 _LAPSED = text(
     "SELECT id, type, params FROM job_runs "
