@@ -34,6 +34,11 @@ def main() -> int:
     # backup/verify (bench/backup.py, bench/verify.py): the 1M-character data set
     backup_characters = _env_int("WARDEN_BENCH_BACKUP_CHARACTERS", 1_000_000)
     backup_rounds = _env_int("WARDEN_BENCH_BACKUP_ROUNDS", 2)
+    # audit_scan, audit_vs_naive, validation_incremental (bench/audit.py, bench/validation.py):
+    # one 1M-character data set for the three (WARDEN_BENCH_AUDIT_VIOLATIONS: see audit.py)
+    audit_characters = _env_int("WARDEN_BENCH_AUDIT_CHARACTERS", 1_000_000)
+    audit_rounds = _env_int("WARDEN_BENCH_AUDIT_ROUNDS", 3)
+    validation_rounds = _env_int("WARDEN_BENCH_VALIDATION_ROUNDS", 1)
 
     from bench import enqueue_api, phases, ping
     from bench.services import services
@@ -61,6 +66,14 @@ def main() -> int:
                 print(line, flush=True)
             for line in verify.run(svc, backup_rounds):
                 print(line, flush=True)
+        if only in ("", "audit"):
+            from bench import audit, validation
+
+            with audit.dataset(svc, audit_characters) as data:
+                for line in audit.run(data, audit_rounds):
+                    print(line, flush=True)
+                for line in validation.run(svc, data, validation_rounds):
+                    print(line, flush=True)
     print(f"# done in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 

@@ -36,8 +36,12 @@ def after_cursor(cursor: str | None) -> int | None:
     try:
         return service.decode_cursor(cursor)
     except ValueError:
-        raise RequestValidationError([{"loc": ("query", "cursor"), "msg": "invalid cursor",
-                                       "type": "value_error"}]) from None
+        raise _bad_cursor() from None
+
+
+def _bad_cursor() -> RequestValidationError:
+    return RequestValidationError([{"loc": ("query", "cursor"), "msg": "invalid cursor",
+                                    "type": "value_error"}])
 
 
 def _list(limit: int, before: int | None) -> AuditRunPage:
@@ -49,15 +53,17 @@ def _list(limit: int, before: int | None) -> AuditRunPage:
                         next_cursor=service.encode_cursor(items[-1].id) if more else None)
 
 
-def _detail(run_id: int, check: str | None, limit: int, after: int | None) -> AuditRunDetail:
+def _detail(run_id: int, check: str | None, limit: int,
+            after: tuple[str, int] | None) -> AuditRunDetail:
     with session_scope() as s:
         try:
             run = service.get_run(s, run_id)
         except service.AuditRunNotFound as exc:
             raise HTTPException(404, str(exc)) from exc
-        rows = service.findings(s, run_id, check=check, limit=limit + 1, after_id=after)
+        rows = service.findings(s, run_id, check=check, limit=limit + 1, after=after)
     items = [FindingOut(**r) for r in rows[:limit]]
-    cursor = service.encode_cursor(items[-1].id) if len(rows) > limit else None
+    cursor = (service.encode_cursor((items[-1].check, items[-1].id)) if len(rows) > limit
+              else None)
     return AuditRunDetail(run=AuditRunOut(**run),
                           findings=FindingPage(items=items, next_cursor=cursor))
 
@@ -93,8 +99,12 @@ async def get_audit(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> AuditRunDetail:
-    """One run with a page of its findings in id order (optionally of one check)."""
-    after = after_cursor(cursor)
+    """One run with a page of its findings, ordered by check and id (optionally of one
+    check); pass findings.next_cursor back for the next page."""
+    try:
+        after = service.decode_finding_cursor(cursor) if cursor is not None else None
+    except ValueError:
+        raise _bad_cursor() from None
     return await run_in_threadpool(_detail, run_id, check, limit, after)
 
 

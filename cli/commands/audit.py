@@ -110,14 +110,14 @@ def _each_finding(run_id: int, check: str | None) -> Iterator[dict[str, Any]]:
     from tasks.audits import service
     from workers.db import session_scope
 
-    after = None
+    after: tuple[str, int] | None = None
     while True:
         with session_scope() as s:
-            page = service.findings(s, run_id, check=check, limit=1000, after_id=after)
+            page = service.findings(s, run_id, check=check, limit=1000, after=after)
         yield from page
         if len(page) < 1000:
             return
-        after = page[-1]["id"]
+        after = (page[-1]["check"], page[-1]["id"])
 
 
 def _finding_line(f: dict[str, Any]) -> str:

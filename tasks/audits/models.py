@@ -79,10 +79,14 @@ class AuditFinding(Base):
 
     __tablename__ = "audit_findings"
 
-    run_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("audit_runs.id", ondelete="CASCADE"), primary_key=True)
+    # No foreign key (see migration 0003): its per-row check doubled the cost of storing
+    # ~450K findings. They are written only in their run's transaction; whatever deletes a
+    # run (no retention job does yet) deletes its findings with it.
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # The primary key (run_id, check_name, id) is the one index: findings page by (check,
+    # id), of every check or one (a second index by id cost a third more on storing them).
+    check_name: Mapped[str] = mapped_column(String(40), primary_key=True)
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    check_name: Mapped[str] = mapped_column(String(40), nullable=False)
     rule: Mapped[str] = mapped_column(String(64), nullable=False)
     level: Mapped[str] = mapped_column(String(8), nullable=False)
     entity: Mapped[str] = mapped_column(String(32), nullable=False)
@@ -97,7 +101,6 @@ class AuditFinding(Base):
     __table_args__ = (
         CheckConstraint(_in("level", LEVELS), name="level"),
         CheckConstraint(f"outcome IS NULL OR {_in('outcome', OUTCOMES)}", name="outcome"),
-        Index("ix_audit_findings_run_check", "run_id", "check_name", "id"),
     )
 
 

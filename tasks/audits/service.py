@@ -134,15 +134,17 @@ class _Steps:
 
 
 def _scan_characters(session: Session, selected: Sequence[checks.CharacterRule]) -> None:
-    """One pass over characters: every row breaking any selected rule, into a temp table
-    (CREATE TABLE AS may run as a parallel scan; INSERT ... SELECT may not)."""
+    """One pass over characters: every row breaking any selected rule, with the positions
+    (in `selected`) of the rules it breaks, into a temp table. CREATE TABLE AS may run as a
+    parallel scan, INSERT ... SELECT may not."""
     columns = ", ".join(checks.CHECK_COLUMNS)
+    broken = ", ".join(f"CASE WHEN {r.sql} THEN {i} END" for i, r in enumerate(selected))
     session.execute(text("DROP TABLE IF EXISTS audit_scan"))
     session.execute(text(
-        f"CREATE TEMP TABLE audit_scan ON COMMIT DROP AS SELECT id, {columns} "
+        f"CREATE TEMP TABLE audit_scan ON COMMIT DROP AS SELECT id, {columns}, "
+        f"array_remove(ARRAY[{broken}], NULL) AS broken "
         f"FROM characters WHERE {checks.any_broken_sql(selected)}"
     ))
-    _analyze(session, "audit_scan")
 
 
 def _fix_characters(session: Session, run_id: int,
@@ -154,6 +156,7 @@ def _fix_characters(session: Session, run_id: int,
     NOT VALID constraint would refuse the UPDATE, and fixing the other rule too would do
     more than was asked.
     """
+    _analyze(session, "audit_scan")  # the joins below need its row count
     columns = ", ".join(checks.CHECK_COLUMNS)
     others = [r for r in checks.CHARACTER_RULES if r not in selected]
     fixed = checks.fixed_columns(selected)
@@ -203,14 +206,18 @@ def _fix_characters(session: Session, run_id: int,
 
 def _store_character_findings(session: Session, run_id: int,
                               selected: Sequence[checks.CharacterRule], fix: bool) -> None:
-    """One finding per (row, broken rule) of the scan; in fix mode with the fix's outcome."""
-    # One branch per rule, each computing its value and fix only when its predicate holds
-    # (a VALUES list would compute every rule's for every row found).
-    branches = " UNION ALL ".join(
-        f"SELECT {_lit(r.check)}, {_lit(r.key)}, {_lit(r.field)}, to_jsonb({r.field}), "
-        f"{_lit(r.expected)}, to_jsonb({checks.fix_sql(r.field)}) WHERE {r.sql}"
-        for r in selected
-    )
+    """One finding per (row, broken rule) of the scan; in fix mode with the fix's outcome.
+
+    The rules' facts come from a constant table joined on the rule's position; a finding's
+    value and fix are a CASE on that position, so each finding evaluates only its own rule's
+    expressions (a LATERAL subquery per rule cost 16 s for 450K findings; this, ~1 s).
+    """
+    meta = ", ".join(
+        f"({i}, {_lit(r.check)}, {_lit(r.key)}, {_lit(r.field)}, {_lit(r.expected)})"
+        for i, r in enumerate(selected))
+    value = " ".join(f"WHEN {i} THEN to_jsonb({r.field})" for i, r in enumerate(selected))
+    fixed = " ".join(f"WHEN {i} THEN to_jsonb({checks.fix_sql(r.field)})"
+                     for i, r in enumerate(selected))
     outcome = "NULL"
     join = ""
     if fix:
@@ -218,17 +225,17 @@ def _store_character_findings(session: Session, run_id: int,
         join = ("LEFT JOIN (SELECT id AS plan_id, violated, blocked FROM audit_plan) p "
                 "ON p.plan_id = t.id")
         outcome = ("CASE WHEN p.plan_id IS NULL THEN 'gone' "
-                   "WHEN NOT (f.rule = ANY(p.violated)) THEN 'resolved_meanwhile' "
+                   "WHEN NOT (m.rule = ANY(p.violated)) THEN 'resolved_meanwhile' "
                    "WHEN p.blocked THEN 'blocked' ELSE 'fixed' END")
     session.execute(text(f"""
         INSERT INTO audit_findings (run_id, check_name, rule, level, entity, entity_id, field,
                                     value, expected, fix, fixable, outcome)
-        SELECT :run, f.check_name, f.rule, 'finding', 'character', t.id, f.field, f.value,
-               f.expected, f.fix, true, {outcome}
+        SELECT :run, m.check_name, m.rule, 'finding', 'character', t.id, m.field,
+               CASE k.pos {value} END, m.expected, CASE k.pos {fixed} END, true, {outcome}
         FROM audit_scan t
+        CROSS JOIN LATERAL unnest(t.broken) AS k(pos)
+        JOIN (VALUES {meta}) m(pos, check_name, rule, field, expected) ON m.pos = k.pos
         {join}
-        CROSS JOIN LATERAL ({branches}) f(check_name, rule, field, value, expected, fix)
-        ORDER BY t.id
     """), {"run": run_id})
 
 
@@ -516,14 +523,21 @@ def list_runs(session: Session, *, limit: int = 50,
 
 
 def findings(session: Session, run_id: int, *, check: str | None = None, limit: int = 100,
-             after_id: int | None = None) -> list[dict[str, Any]]:
-    """A run's findings in id order, optionally of one check, after a cursor."""
+             after: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+    """A run's findings ordered by (check, id), optionally of one check, after a cursor
+    (the last (check, id) seen): the order of the table's primary key."""
+    where = ["run_id = :run"]
+    args: dict[str, Any] = {"run": run_id, "n": limit}
+    if check is not None:
+        where.append("check_name = :c")
+        args["c"] = check
+    if after is not None:
+        where.append("(check_name, id) > (CAST(:ac AS varchar), CAST(:ai AS bigint))")
+        args.update(ac=after[0], ai=after[1])
     rows = session.execute(text(
         "SELECT id, check_name AS check, rule, level, entity, entity_id, field, value, "
-        "expected, fix, fixable, outcome FROM audit_findings WHERE run_id = :run "
-        "AND (CAST(:c AS varchar) IS NULL OR check_name = :c) "
-        "AND (CAST(:a AS bigint) IS NULL OR id > :a) ORDER BY id LIMIT :n"),
-        {"run": run_id, "c": check, "a": after_id, "n": limit}).all()
+        f"expected, fix, fixable, outcome FROM audit_findings WHERE {' AND '.join(where)} "
+        "ORDER BY check_name, id LIMIT :n"), args).all()
     return [dict(r._mapping) for r in rows]
 
 
@@ -538,17 +552,30 @@ def changes(session: Session, run_id: int, *, limit: int = 100,
     return [dict(r._mapping) for r in rows]
 
 
-def encode_cursor(last_id: int) -> str:
-    """An opaque cursor for the next page."""
-    return base64.urlsafe_b64encode(json.dumps({"after": last_id}).encode()).decode()
+def encode_cursor(last: int | tuple[str, int]) -> str:
+    """An opaque cursor for the next page: the last id seen, or a finding's (check, id)."""
+    return base64.urlsafe_b64encode(json.dumps({"after": last}).encode()).decode()
 
 
 def decode_cursor(cursor: str) -> int:
-    """The id a cursor stands for; ValueError when it is not one of ours."""
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))["after"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError("invalid cursor") from exc
-    if not isinstance(value, int) or value < 0:
+    """The id a list's cursor stands for; ValueError when it is not one of ours."""
+    value = _cursor_value(cursor)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError("invalid cursor")
     return value
+
+
+def decode_finding_cursor(cursor: str) -> tuple[str, int]:
+    """The (check, id) a findings cursor stands for; ValueError when it is not one."""
+    value = _cursor_value(cursor)
+    if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str)
+            or not isinstance(value[1], int)):
+        raise ValueError("invalid cursor")
+    return value[0], value[1]
+
+
+def _cursor_value(cursor: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(cursor.encode()))["after"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError("invalid cursor") from exc

@@ -47,6 +47,12 @@ class Isolated:
     def connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.url, autocommit=True)
 
+    def token(self, *scopes: str) -> str:
+        """An API token in this database (the suite's `tokens` live in the shared one)."""
+        from workers.tokens import create_token
+
+        return create_token(f"t-{'-'.join(scopes)}-{uuid.uuid4().hex[:6]}", list(scopes))
+
 
 @contextlib.contextmanager
 def isolated(services: Services) -> Iterator[Isolated]:
@@ -150,5 +156,5 @@ def warden(iso: Isolated, *args: str, **env: str) -> subprocess.CompletedProcess
 def wipe(conn: psycopg.Connection[Any]) -> None:
     """Empty the character data and this family's tables (between tests of one module)."""
     conn.execute("TRUNCATE characters, scenes, st_relationships, xp_ledger, xp_spend_requests, "
-                 "weekly_xp_requests, scene_participants, audit_runs, validation_sweeps, "
-                 "health_reports, operator_log RESTART IDENTITY CASCADE")
+                 "weekly_xp_requests, scene_participants, audit_runs, audit_findings, "
+                 "validation_sweeps, health_reports, operator_log RESTART IDENTITY CASCADE")
