@@ -4,8 +4,8 @@ Why a generator: the seed system's integrity tool drifted from its own model bec
 check was written twice. Here each character rule is one entry of `rules.check_sql()` (the
 expressions the database's CHECK constraints hold); the audit's SQL predicate is that very
 expression, its fix and the validation's Python test are derived from the same ranges, and
-the module refuses to import if the two lists ever disagree. tests/unit/test_audit_checks.py
-evaluates the SQL and the Python side by side over a grid of values.
+the module refuses to import if the two lists ever disagree. tests/integration/
+test_audit_checks.py evaluates the SQL and the Python side by side over a grid of values.
 """
 
 from __future__ import annotations

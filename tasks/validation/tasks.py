@@ -44,7 +44,8 @@ def characters(self: JobTask, params: Characters) -> dict[str, Any]:
             rules_version=version, chunk_size=settings.validation_chunk_size,
             overlap=settings.validation_watermark_overlap)
         if sweep.plan == "inline":
-            stored, inline = service.sweep_inline(session, sweep, version)
+            stored, inline = service.sweep_inline(session, sweep, version,
+                                                  settings.validation_watermark_overlap)
             result = self.complete(session, _result(stored, []))
     if inline is not None:
         service.remember(inline.verdicts, version, settings.validation_cache_ttl)
@@ -95,7 +96,8 @@ def check_chunk(self: JobTask, params: Chunk) -> dict[str, Any]:
         done = service.validate_chunk(
             session, sweep_id=sweep.id, rules_version=version,
             use_cache=sweep.mode == "incremental", id_from=params.id_from, id_to=params.id_to,
-            since=sweep.since, character_ids=sweep.character_ids)
+            since=sweep.since, character_ids=sweep.character_ids,
+            cache_from=sweep.cache_from(settings.validation_watermark_overlap))
         result = self.complete(session, done.as_dict())
     service.remember(done.verdicts, version, settings.validation_cache_ttl)
     return result

@@ -189,3 +189,17 @@ def test_reports_are_stored_with_their_history(conn: psycopg.Connection[Any]) ->
     with session_scope() as s:
         listed = service.history(s, limit=10)
     assert [r["id"] for r in listed] == [muted["id"], second["id"], first["id"]]
+
+
+def test_a_job_stores_one_report_however_often_it_runs(conn: psycopg.Connection[Any]) -> None:
+    # given a report made for a job
+    job = "5d1f1c3e-8e0a-4a51-9a57-0f3f5c0e0002"
+    with session_scope() as s:
+        first = service.create_report(s, 24, job_id=job, alert=True, webhook_configured=True)
+    # when the job runs again after the data changed
+    _findings(conn, 5)
+    with session_scope() as s:
+        again = service.create_report(s, 24, job_id=job, alert=True, webhook_configured=True)
+    # then it returns the report it made, and there is one
+    assert again == first and again["health_score"] == 100
+    assert conn.execute("SELECT count(*) FROM health_reports").fetchone() == (1,)

@@ -50,7 +50,7 @@ def sweep(mode: str = "full", *, ids: list[int] | None = None, overlap: float = 
         sw, created = service.start_sweep(s, job_id=None, mode=mode, character_ids=ids,
                                           rules_version=v, chunk_size=10_000, overlap=overlap)
         assert created and sw.plan == "inline"
-        stored, done = service.sweep_inline(s, sw, v)
+        stored, done = service.sweep_inline(s, sw, v, overlap)
     service.remember(done.verdicts, v, TTL)
     return stored
 
@@ -218,3 +218,43 @@ def test_chunks_by_id_range_add_up_to_the_whole(conn: psycopg.Connection[Any]) -
     assert (total["candidates"], total["validated"]) == (5, 5)
     assert total["issues"] == {"error": 4, "warning": 1}
     assert total["opened"] == 5
+
+
+def test_a_sweep_is_found_again_by_its_job(conn: psycopg.Connection[Any]) -> None:
+    # given a sweep started for a job (a fanned-out parent's body runs again once its
+    # children end)
+    ids = _crafted(conn)
+    job = "5d1f1c3e-8e0a-4a51-9a57-0f3f5c0e0001"
+    v = rules.rules_version()
+    with session_scope() as s:
+        first, created = service.start_sweep(s, job_id=job, mode="incremental",
+                                             character_ids=None, rules_version=v,
+                                             chunk_size=2, overlap=0)
+    # when the same job starts it again, after characters changed
+    conn.execute("UPDATE characters SET name = 'x' WHERE id = %s", (ids["clean"],))
+    with session_scope() as s:
+        again, created_again = service.start_sweep(s, job_id=job, mode="incremental",
+                                                   character_ids=None, rules_version=v,
+                                                   chunk_size=10_000, overlap=0)
+    # then it is the same sweep, with the plan and watermark of its first run
+    assert (created, created_again) == (True, False)
+    assert again == first and again.plan == "fanout"
+    assert conn.execute("SELECT count(*) FROM validation_sweeps").fetchone() == (1,)
+
+
+def test_a_full_sweep_caches_only_what_an_incremental_sweep_reads_again(
+        conn: psycopg.Connection[Any], rds: redis.Redis, iso: Isolated) -> None:
+    # given a character last written a day ago, and one written just now
+    old = add_character(conn, updated_at="2020-01-01T00:00:00Z")
+    new = add_character(conn)
+    # when a full sweep runs with a 60 s overlap
+    v = rules.rules_version()
+    sweep("full", overlap=60)
+    # then only the fresh one's verdict is cached: the old one is outside every later
+    # incremental sweep's window, so its entry would never be read
+    cached = {k.rsplit(":", 1)[1] for k in rds.scan_iter(f"{iso.prefix}warden:validation:{v}:*")}
+    assert cached == {str(new)}
+    # and the next incremental sweep reads the fresh one only, from the cache
+    t = sweep("incremental", overlap=60)["totals"]
+    assert (t["candidates"], t["cache_hits"], t["validated"]) == (1, 1, 0)
+    del old
