@@ -56,6 +56,43 @@ def admin_token(settings: Settings) -> str:
     return token
 
 
+# A worker, beat or Flower that dies is restarted (jobs it held come back by the relay or the
+# visibility timeout; beat's lock and Flower hold no state we need). The API and the
+# embedded servers are what the other processes stand on: their exit stops everything.
+RESTARTABLE = frozenset({"worker", "beat", "flower"})
+
+
+class Restarts:
+    """Backoff per child: 1 s, doubling to 60 s; reset after 60 s of staying up."""
+
+    FIRST, CAP, STABLE = 1.0, 60.0, 60.0
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.backoff: dict[str, float] = {}
+        self.not_before: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+
+    def healthy(self, name: str) -> None:
+        """A child seen alive: after STABLE seconds up, its backoff starts over."""
+        if time.monotonic() - self.started.get(name, 0.0) > self.STABLE:
+            self.backoff.pop(name, None)
+
+    def due(self, name: str) -> float | None:
+        """None while the child's backoff runs; else the delay the next exit will wait."""
+        now = time.monotonic()
+        if name not in self.not_before:
+            self.not_before[name] = now + self.backoff.get(name, self.FIRST)
+            return None
+        if now < self.not_before[name]:
+            return None
+        del self.not_before[name]
+        self.count[name] = self.count.get(name, 0) + 1
+        self.backoff[name] = min(self.CAP, self.backoff.get(name, self.FIRST) * 2)
+        self.started[name] = now
+        return self.backoff[name]
+
+
 def run_up(*, demo: bool, concurrency: int) -> int:
     """Start everything and supervise until Ctrl-C or a child dies; returns the exit code."""
     from workers import embedded
@@ -112,6 +149,7 @@ def run_up(*, demo: bool, concurrency: int) -> int:
         fuser, fpass = flower_credentials(settings)
         reset_engine()
 
+        specs: dict[str, tuple[list[str], dict[str, str]]] = {}
         for name, args in (
             ("worker", ["worker", "-c", str(concurrency), "-n", f"warden-up-{os.getpid()}@%h"]),
             ("api", ["api"]),
@@ -123,7 +161,9 @@ def run_up(*, demo: bool, concurrency: int) -> int:
                 # Ctrl-C stops the worker cold after a 10 s soft shutdown: running jobs go
                 # back to the queue now, not after the visibility timeout.
                 child_env["REMAP_SIGTERM"] = "SIGQUIT"
+            specs[name] = (args, child_env)
             children.append((name, warden(args, child_env, logs / f"{name}.log")))
+        restarts = Restarts()
 
         from workers.embedded import wait_for_port
 
@@ -143,12 +183,23 @@ def run_up(*, demo: bool, concurrency: int) -> int:
             "Press Ctrl-C to stop.",
         )
         while stop["sig"] is None:
-            for name, proc in children:
-                if not proc.alive():
-                    code = proc.popen.returncode
+            for i, (name, proc) in enumerate(children):
+                if proc.alive():
+                    restarts.healthy(name)
+                    continue
+                code = proc.popen.returncode
+                if name not in RESTARTABLE:
                     click.echo(f"{name} exited with {code}; see {logs / name}.log; "
                                "stopping everything", err=True)
                     return 1
+                delay = restarts.due(name)
+                if delay is None:
+                    continue  # still backing off
+                click.echo(f"{name} exited with {code}; restarting it (restart "
+                           f"{restarts.count[name]}, next backoff {delay:.0f} s); see "
+                           f"{logs / name}.log", err=True)
+                args, child_env = specs[name]
+                children[i] = (name, warden(args, child_env, logs / f"{name}.log"))
             time.sleep(0.3)
         with contextlib.suppress(OSError):
             click.echo("\nstopping ...")
