@@ -30,6 +30,11 @@ def main() -> int:
     clients = _env_int("WARDEN_BENCH_CLIENTS", 16)
     duration = _env_float("WARDEN_BENCH_DURATION", 10.0)
     rounds = _env_int("WARDEN_BENCH_ROUNDS", 2)
+    # migration_batched (bench/migration_batched.py): the 1M legacy rows; xp_award
+    # (bench/xp_award.py): awards queued for the worker, pgbench's default run for this long
+    migration_rows = _env_int("WARDEN_BENCH_MIGRATION_ROWS", 1_000_000)
+    xp_scenes = _env_int("WARDEN_BENCH_XP_SCENES", 2000)
+    pgbench_seconds = _env_float("WARDEN_BENCH_PGBENCH_SECONDS", 10.0)
     only = os.environ.get("WARDEN_BENCH_ONLY", "")
     # backup/verify (bench/backup.py, bench/verify.py): the 1M-character data set
     backup_characters = _env_int("WARDEN_BENCH_BACKUP_CHARACTERS", 1_000_000)
@@ -55,6 +60,16 @@ def main() -> int:
             for line in ping.run(svc, n, concurrency, rounds):
                 print(line, flush=True)
             for line in phases.run(svc):
+                print(line, flush=True)
+        if only in ("", "migration"):
+            from bench import migration_batched
+
+            for line in migration_batched.run(svc, migration_rows):
+                print(line, flush=True)
+        if only in ("", "xp"):
+            from bench import xp_award
+
+            for line in xp_award.run(svc, xp_scenes, concurrency, pgbench_seconds):
                 print(line, flush=True)
         if only in ("", "api"):
             for line in enqueue_api.run(svc, clients, duration, rounds):

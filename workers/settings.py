@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     # Row-lock budget of one batch; the batch size adapts so a batch takes about half of
     # it (the slowest batches then stay under it; bench/migration_batched.py prints the
     # longest), between the min and max sizes. The first batch of a pass has the initial
-    # size (1,000 rows of characters with legacy JSON lock for ~0.05 s on a 2-core machine).
+    # size: 1,000 characters with legacy JSON take ~0.1 s on the shared 2-core machine (the
+    # 1M bench settled on a median of ~5,000 per 0.5 s), so it starts well under budget.
     migration_batch_seconds: float = Field(1.0, gt=0, le=60)
     migration_batch_min: int = Field(10, ge=1)
     migration_batch_max: int = Field(100_000, ge=1)

@@ -91,24 +91,26 @@ def _job(job_id: str) -> dict[str, Any] | None:
 
 
 def _watch(name: str, job_id: str) -> int:
-    """Redraw the bar until the migration stops; the exit code says how it ended."""
+    """Redraw the bar until the run ends (following handovers to successor jobs); the exit
+    code says how the migration ended."""
     from tasks.data_migrations import service
 
     tty = sys.stdout.isatty()
     last_plain = 0.0
-    started = time.monotonic()
     while True:
+        job = _job(job_id)  # before the state: a finished job's state is then final too
         m = _service_call(service.summary, name)
-        job = _job(m["job_id"] or job_id)
         line = render(m)
         if tty:
             click.echo("\r" + line + "\033[K", nl=False)
         elif time.monotonic() - last_plain >= PLAIN_EVERY:
             click.echo(line)
             last_plain = time.monotonic()
-        settled = m["status"] not in ("queued", "running") or (
-            job is not None and job["status"] in ("failed", "dead", "cancelled"))
-        if settled and time.monotonic() - started > POLL_SECONDS:
+        if job is not None and job["status"] in ("succeeded", "failed", "dead", "cancelled"):
+            successor = (job.get("result") or {}).get("successor")
+            if job["status"] == "succeeded" and successor:
+                job_id = str(successor)  # the run handed over at its checkpoint
+                continue
             click.echo("" if tty else line)  # end the redrawn line, or log the final one
             return _ended(m, job)
         time.sleep(POLL_SECONDS)

@@ -310,11 +310,32 @@ def cancel(session: Session, name: str, *, actor: str, reason: str) -> dict[str,
 @dataclass(frozen=True)
 class RetryPlan:
     """How to run a failed migration again: retry its failed job (same id, through the
-    core's operator retry), or submit a new run (`job_id` None) under `key`."""
+    core's operator retry), or submit a new run (`job_id` None) with `params` under `key`
+    (the failed run's params: a fixed batch size stays fixed)."""
 
     name: str
     job_id: str | None
     key: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _retry_key(row: RowMapping) -> str:
+    """One key per failure: the pass (its number and start) and the attempt that failed, so
+    a repeated sweep or a double click retries once, and a later failure gets a new key."""
+    started = row["started_at"].timestamp() if row["started_at"] is not None else 0
+    return (f"migration.retry:{row['name']}:r{row['run_no']}@{started:.0f}"
+            f":a{row['attempts']}")[:200]
+
+
+def _run_params(session: Session, name: str, job_id: Any) -> dict[str, Any]:
+    """The params of the migration's last run, for the next one (never a dry run)."""
+    params: dict[str, Any] = {"name": name}
+    if job_id is not None:
+        stored = session.execute(text("SELECT params FROM job_runs WHERE id = :id"),
+                                 {"id": uuid.UUID(str(job_id))}).scalar()
+        if isinstance(stored, dict) and stored.get("batch_size"):
+            params["batch_size"] = stored["batch_size"]
+    return params
 
 
 def retry(session: Session, name: str, *, actor: str,
@@ -327,10 +348,11 @@ def retry(session: Session, name: str, *, actor: str,
     if _effective_status(row, job) != "failed":
         raise MigrationConflict(f"{name} is {row['status']}; only a failed migration can be "
                                 "retried")
-    key = f"migration.retry:{name}:r{row['run_no']}:a{row['attempts']}"
+    key = _retry_key(row)
+    params = _run_params(session, name, row["job_id"])
     if job is not None and job["status"] in ("failed", "dead"):
-        return RetryPlan(name, str(job["id"]), key)
-    return RetryPlan(name, None, key)
+        return RetryPlan(name, str(job["id"]), key, params)
+    return RetryPlan(name, None, key, params)
 
 
 def due_for_retry(session: Session) -> list[RetryPlan]:
@@ -341,7 +363,8 @@ def due_for_retry(session: Session) -> list[RetryPlan]:
         job = _job_row(session, row["job_id"])
         if _effective_status(row, job) == "failed" and row["attempts"] < row["max_attempts"]:
             plans.append(RetryPlan(
-                name, None, f"migration.retry:{name}:r{row['run_no']}:a{row['attempts']}"))
+                name, None, _retry_key(row),
+                _run_params(session, name, row["job_id"])))
     return plans
 
 
@@ -799,15 +822,15 @@ class _Runner:
     def _hand_over(self, countdown: float) -> None:
         """The checkpoint is committed: enqueue the next run and end this job.
 
-        The key names the checkpoint, so two runs handing over at the same point (a
-        redelivered duplicate) enqueue one successor.
+        The key names this job and its checkpoint: a redelivery of this job that hands over
+        at the same point enqueues the same successor, and no other run can collide.
         """
         assert self.hooks.submit is not None
         row = self._txn(lambda s: state(s, self.m.name), fenced=False)
         params: dict[str, Any] = {"name": self.m.name}
         if self.fixed:
             params["batch_size"] = self.size
-        key = f"migration.run:{self.m.name}:r{row['run_no']}:b{row['batches_done']}"
+        key = f"migration.run:{self.m.name}:after:{self.hooks.job_id}:b{row['batches_done']}"
         successor = self.hooks.submit(params, key, countdown)
 
         def hand(s: Session) -> None:

@@ -64,7 +64,7 @@ def retry_failed(self: JobTask, params: RetryFailed) -> dict[str, Any]:
         plans = service.due_for_retry(s)
     retried = []
     for plan in plans:
-        sub = submit("migration.run", {"name": plan.name}, idempotency_key=plan.key,
+        sub = submit("migration.run", plan.params, idempotency_key=plan.key,
                      source="migration")
         log.info("migration.retry_enqueued", migration=plan.name, job=str(sub.job["id"]),
                  created=sub.created)

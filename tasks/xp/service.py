@@ -114,8 +114,12 @@ def award_scene(session: Session, scene_id: int, awards: Mapping[int, bool], *,
     unfinished scene), XpAlreadyGiven (what makes a repeated award harmless) and
     NotAParticipant (a named character is not in the scene: an error, never a silent skip).
     """
+    # Two statements (a bench's hot path): the scene locked with its participants, then the
+    # winners locked (ascending id), credited, ledgered and the flag set in one statement.
     scene = session.execute(
-        text("SELECT id, finished, xp_given FROM scenes WHERE id = :id FOR NO KEY UPDATE"),
+        text("SELECT s.id, s.finished, s.xp_given, ARRAY(SELECT p.character_id "
+             "FROM scene_participants p WHERE p.scene_id = s.id) AS participants "
+             "FROM scenes s WHERE s.id = :id FOR NO KEY UPDATE OF s"),
         {"id": scene_id},
     ).first()
     if scene is None:
@@ -124,29 +128,27 @@ def award_scene(session: Session, scene_id: int, awards: Mapping[int, bool], *,
         raise XpAlreadyGiven(f"scene {scene_id} has already given its XP")
     if not scene.finished:
         raise InvalidRequest(f"scene {scene_id} is not finished")
-    participants = set(session.execute(
-        text("SELECT character_id FROM scene_participants WHERE scene_id = :id"),
-        {"id": scene_id},
-    ).scalars())
-    strangers = sorted(set(awards) - participants)
+    strangers = sorted(set(awards) - set(scene.participants))
     if strangers:
         raise NotAParticipant(
             f"characters {strangers} are not participants of scene {scene_id}",
             characters=strangers,
         )
     winners = sorted(cid for cid, earned in awards.items() if earned)
-    if winners:
-        _lock_characters(session, winners)
-        session.execute(
-            text("UPDATE characters SET xp = xp + :xp WHERE id = ANY(:ids)"),
-            {"xp": rules.SCENE_AWARD_XP, "ids": winners},
+    session.execute(text("""
+        WITH locked AS (
+            SELECT id FROM characters WHERE id = ANY(:ids) ORDER BY id FOR NO KEY UPDATE
+        ), credited AS (
+            UPDATE characters c SET xp = c.xp + :xp FROM locked l WHERE c.id = l.id
+            RETURNING c.id
+        ), ledger AS (
+            INSERT INTO xp_ledger (character_id, delta, kind, reason, scene_id, job_id)
+            SELECT id, :xp, 'award', 'scene XP', :scene, :job FROM credited
+            RETURNING 1
         )
-        _ledger(session, [
-            {"character_id": cid, "delta": rules.SCENE_AWARD_XP, "kind": "award",
-             "reason": "scene XP", "scene_id": scene_id, "job_id": _job(job_id)}
-            for cid in winners
-        ])
-    session.execute(text("UPDATE scenes SET xp_given = true WHERE id = :id"), {"id": scene_id})
+        UPDATE scenes SET xp_given = true WHERE id = :scene
+    """), {"ids": winners, "xp": rules.SCENE_AWARD_XP, "scene": scene_id,
+           "job": _job(job_id)})
     return AwardResult(scene_id, winners, rules.SCENE_AWARD_XP)
 
 

@@ -404,3 +404,24 @@ def test_reverse_keeps_requests_the_new_flows_have_decided(mdb: psycopg.Connecti
     assert undone["deleted"] == 5
     assert mdb.execute("SELECT id, state FROM xp_spend_requests").fetchall() == [
         (pending[0], "Denied")]
+
+
+def test_the_hourly_sweep_retries_a_failed_migration_only_while_attempts_last(
+        mdb: psycopg.Connection, setting: Callable[[str, str], None]) -> None:
+    # given a migration that fails every time, with a budget of two attempts per pass
+    setting("WARDEN_MIGRATION_MAX_ATTEMPTS", "2")
+    ids = _legacy(mdb, 4)
+    _inject(mdb, f"IF NEW.character_id = {ids[0]} THEN RAISE EXCEPTION 'still broken'; END IF;")
+    with pytest.raises(service.MigrationFailed):
+        service.run(LEGACY, batch_size=2)
+    # then the sweep plans one retry, with the failed run's key; after that try, none
+    with session_scope() as s:
+        plans = service.due_for_retry(s)
+    assert [p.name for p in plans] == [LEGACY]
+    with pytest.raises(service.MigrationFailed):
+        service.run(LEGACY, batch_size=2)
+    assert _state(LEGACY)["attempts"] == 2
+    with session_scope() as s:
+        assert service.due_for_retry(s) == []
+        # an operator may still retry it: the budget bounds the automatic retries only
+        assert service.retry(s, LEGACY, actor="test").name == LEGACY
