@@ -174,6 +174,16 @@ def prune_cmd(dry_run: bool, keep_daily: int | None, keep_weekly: int | None,
                "nothing was deleted (--dry-run)")
 
 
+@backup.command("adopt")
+def adopt_cmd() -> None:
+    """Rebuild the backups table from the manifests in WARDEN_BACKUP_DIR (after a restore:
+    a dump never holds the table's rows)."""
+    from tasks.backups.restore import adopt_manifests
+
+    added = adopt_manifests()
+    click.echo(f"{added} backups added from their manifests")
+
+
 @click.command()
 @click.argument("backup_id", type=click.IntRange(1))
 @click.option("--target-db", required=True, help="database to restore into (created if absent)")

@@ -77,6 +77,11 @@ CREATE_LOCK, VERIFY_LOCK = 1, 2
 # is a stuck session, and a retried job beats a backup hanging until the hard time limit.
 DUMP_LOCK_WAIT = "300s"
 CHUNK = 1 << 20  # 1 MiB reads for hashing
+# DROP DATABASE waits until every backend of the server has accepted a signal barrier; a
+# backend busy in a long statement elsewhere can hold that for minutes (seen on PostgreSQL
+# 15 behind another database's long query). Past this, the scratch database is left for
+# the next verification, which drops leftovers first.
+SCRATCH_DROP_WAIT = "60s"
 _UNFINISHED = tuple(sorted(UNFINISHED_STATUSES))
 # pg_dump/pg_restore stderr that means the server or the network, not the archive.
 _TRANSIENT_TOOL_ERRORS = re.compile(
@@ -454,6 +459,7 @@ class _Report:
     checks: dict[str, Any] = field(default_factory=dict)
     restore_seconds: float | None = None
     error: str | None = None
+    scratch_dropped: bool | None = None
 
     def fail(self, step: str, message: str, **details: Any) -> None:
         self.steps[step] = {"ok": False, **details}
@@ -461,7 +467,8 @@ class _Report:
             self.error = f"{step}: {message}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "mismatches": self.mismatches, "checks": self.checks}
+        return {"steps": self.steps, "mismatches": self.mismatches, "checks": self.checks,
+                "scratch_dropped": self.scratch_dropped}
 
 
 def scratch_prefix(database: str) -> str:
@@ -471,6 +478,21 @@ def scratch_prefix(database: str) -> str:
 
 def drop_database(conn: psycopg.Connection[Any], name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _drop_scratch(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Drop a scratch database, waiting at most SCRATCH_DROP_WAIT; False if it is left for
+    the next verification to drop (a verdict must not wait on it)."""
+    try:
+        conn.execute(f"SET statement_timeout = '{SCRATCH_DROP_WAIT}'")
+        try:
+            drop_database(conn, name)
+        finally:
+            conn.execute("RESET statement_timeout")
+    except psycopg.Error as exc:
+        log.warning("backup.scratch_left", database=name, error=type(exc).__name__)
+        return False
+    return True
 
 
 def _drop_leftover_scratch(conn: psycopg.Connection[Any], prefix: str) -> list[str]:
@@ -546,8 +568,7 @@ def verify_backup(backup_id: int, job_id: str | None = None, *,
         try:
             _verify_steps(row, target, tools, lock, scratch, report, check_owned)
         finally:
-            with contextlib.suppress(psycopg.Error):
-                drop_database(lock, scratch)
+            report.scratch_dropped = _drop_scratch(lock, scratch)
         verdict = "failed" if report.error else "passed"
         result = {"backup_id": backup_id, "verdict": verdict,
                   "restore_seconds": report.restore_seconds, "mismatches": report.mismatches,

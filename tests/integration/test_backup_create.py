@@ -66,6 +66,21 @@ def backup_env(services: Services, tmp_path: Path) -> Iterator[BackupEnv]:
             yield env
         finally:
             _apply_env(services)  # back to the session's database before it is dropped
+            _drop_scratch_databases(env)
+
+
+def _drop_scratch_databases(env: BackupEnv) -> None:
+    """Scratch databases a verification left (a worker stopped mid-restore): the test's
+    database goes, so no later verification of it would drop them."""
+    from tasks.backups.service import scratch_prefix
+
+    prefix = scratch_prefix(env.dbname)
+    with psycopg.connect(env.admin_url(), autocommit=True) as conn:
+        names = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE left(datname, %s) = %s",
+            (len(prefix), prefix)).fetchall()]
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def seed_small(characters: int = 300) -> dict[str, int]:

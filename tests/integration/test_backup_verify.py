@@ -45,6 +45,7 @@ def test_a_good_backup_passes_with_its_restore_time_and_checks_recorded(
     assert row["verdict"] == "passed" and row["verify_error"] is None
     assert isinstance(row["restore_seconds"], float) and row["restore_seconds"] > 0
     assert row["verify_job_id"] is None  # no verification running any more
+    assert isinstance(row["verify_report"], dict) and row["verify_report"]["scratch_dropped"]
     report = row["verify_report"]
     assert isinstance(report, dict)
     assert all(step["ok"] for step in report["steps"].values())

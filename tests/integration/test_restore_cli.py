@@ -159,3 +159,23 @@ def test_backup_list_shows_size_age_verdict_and_restore_time(
     assert dry.returncode == 0, dry.stderr
     assert "would delete 0 backups" in dry.stdout
     assert dry.stdout.count("keep ") == 2
+
+
+def test_backup_adopt_rebuilds_the_catalogue_from_the_manifests(
+        backup_env: BackupEnv, made: dict[str, object]) -> None:
+    # given a database restored from a backup: its backups table is empty (no dump holds
+    # the rows) and its id sequence is behind the files on disk
+    backup_env.sql("DELETE FROM backups")
+    backup_env.sql("SELECT setval(pg_get_serial_sequence('backups', 'id'), 1, false)")
+    # when the catalogue is adopted, twice
+    first = warden(backup_env, "backup", "adopt")
+    second = warden(backup_env, "backup", "adopt")
+    # then the archive is listed again, once, as the manifest describes it
+    assert first.returncode == 0 and "1 backups added" in first.stdout, first.stderr
+    assert "0 backups added" in second.stdout
+    assert backup_env.sql("SELECT id, status, sha256, bytes, verdict FROM backups") == [
+        (made["backup_id"], "succeeded", made["sha256"], made["bytes"], None)]
+    # and the next backup takes a new id, not one of an archive on disk
+    from tasks.backups import service
+
+    assert service.create_backup()["backup_id"] > int(str(made["backup_id"]))

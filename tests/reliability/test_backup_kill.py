@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import psycopg
 import pytest
 from kombu import Connection
 
-from tests.conftest import Proc, start_worker, wait_for_status
+from tests.conftest import ROOT, Proc, start_worker, wait_for_status
 from tests.integration.test_backup_create import BackupEnv, backup_env, seed_small
 from workers.app import app
 
@@ -33,11 +35,13 @@ def _core_landed() -> bool:
 @pytest.fixture
 def node(backup_env: BackupEnv) -> Iterator[tuple[Proc, str]]:
     """A worker on the test's own database, with broker keys of its own (no other test's
-    worker may take these jobs: they would run against another database)."""
+    worker may take these jobs: they would run against another database). Two processes:
+    a verification (whose DROP DATABASE can wait on a busy server) does not hold up the
+    next backup."""
     if not _core_landed():
         pytest.skip("needs the job-core rewrite (JobTask.complete), not landed yet")
     prefix = f"bktest-{uuid.uuid4().hex[:8]}:"
-    proc = start_worker(backup_env.services, "backup", concurrency=1, env={
+    proc = start_worker(backup_env.services, "backup", concurrency=2, env={
         "WARDEN_DATABASE_URL": backup_env.database_url,
         "WARDEN_BACKUP_DIR": str(backup_env.backup_dir),
         "WARDEN_BROKER_KEY_PREFIX": prefix})
@@ -131,13 +135,21 @@ def test_nightly_chain_create_verify_prune_through_the_worker(
         backup_env: BackupEnv, node: tuple[Proc, str]) -> None:
     _, prefix = node
     seed_small(50)
-    # given two backups made by jobs, each followed by its verification
+    # given two backups made by jobs, each followed by its verification: one submitted as
+    # beat does, one by an operator's `warden backup create --wait`
     made = []
-    for _ in range(2):
-        job = wait_for_status(_send(backup_env, prefix, "backup.create", {"verify": True}),
-                              {"succeeded", "failed", "dead"}, timeout=60)
-        assert job["status"] == "succeeded", job
-        made.append(int(job["result"]["backup_id"]))  # type: ignore[index]
+    job = wait_for_status(_send(backup_env, prefix, "backup.create", {"verify": True}),
+                          {"succeeded", "failed", "dead"}, timeout=60)
+    assert job["status"] == "succeeded", job
+    made.append(int(job["result"]["backup_id"]))  # type: ignore[index]
+    cli = subprocess.run(
+        [sys.executable, "-m", "cli.main", "backup", "create", "--wait", "--timeout", "150"],
+        env=backup_env.env(WARDEN_BROKER_KEY_PREFIX=prefix), cwd=ROOT, capture_output=True,
+        text=True, timeout=180, check=False)
+    assert cli.returncode == 0, cli.stderr
+    out = json.loads(cli.stdout)
+    assert out["status"] == "succeeded"
+    made.append(int(out["result"]["backup_id"]))
     for backup_id in made:
         key = f"backup-verify:{backup_id}"
         deadline = time.monotonic() + 60
