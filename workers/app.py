@@ -163,6 +163,24 @@ def _unknown_task(message: Any = None, name: str = "", id: str = "", **_: Any) -
                                                       job_id=id, job_type=name)
 
 
+@signals.task_revoked.connect
+def _revoked(request: Any = None, terminated: bool = False, **_: Any) -> None:
+    """A job revoked with Celery's control (Flower's Revoke) ends visibly in job_runs:
+    `cancelled` if it had not started, `failed` (retryable) if its run was terminated;
+    otherwise every worker drops each copy for hours while the relay keeps re-sending it."""
+    from workers import jobstore
+
+    job_id = getattr(request, "id", None)
+    if not job_id:
+        return
+    try:
+        jobstore.record_revoked(str(job_id), terminated=terminated)
+    except Exception:
+        import structlog
+
+        structlog.get_logger("warden.jobs").exception("job.revoke_not_recorded", job_id=job_id)
+
+
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
     """Celery processes log JSON lines like every other process."""

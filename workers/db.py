@@ -62,7 +62,11 @@ class _ProcessEngines:
                 return
             self.forget(close=False)  # inherited from a parent: its sockets, not ours
             dsn = get_settings().database_dsn()
-            connect_args = {"connect_timeout": 5, "application_name": "warden"}
+            # TCP keepalives: a half-open socket (a vanished database host, a NAT that
+            # dropped the flow) fails in ~40 s instead of hanging a relay or heartbeat.
+            connect_args = {"connect_timeout": 5, "application_name": "warden",
+                            "keepalives": 1, "keepalives_idle": 10,
+                            "keepalives_interval": 5, "keepalives_count": 3}
             # 10 + 30: the API's thread pool has 40 threads; a request waits for a
             # connection (503, not 500, past pool_timeout) rather than failing at once.
             main = create_engine(dsn, pool_pre_ping=True, pool_size=10, max_overflow=30,

@@ -49,6 +49,12 @@ def start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def _state(pid: int) -> str | None:
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat.rsplit(")", 1)[-1].split() if stat else []
+    return fields[0] if fields else None
+
+
 _process: dict[int, str] = {}
 
 
@@ -85,4 +91,5 @@ def holder_is_dead(token: str | None) -> bool:
     if pid == os.getpid():
         return False
     current = start_time(pid)
-    return current is None or current != start
+    # A zombie (killed, not yet reaped) still has its /proc entry and start time.
+    return current is None or current != start or _state(pid) == "Z"

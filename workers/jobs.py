@@ -32,7 +32,7 @@ import structlog
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from workers import identity, jobstore
@@ -170,14 +170,22 @@ class JobTask(Task):
     def _fenced(self, run: Run) -> Iterator[Session]:
         self.check_owned()
         s = get_sessionmaker()()
+
+        def fence_before_commit(session: Session) -> None:
+            # Every COMMIT of this session, the family's own s.commit() included, is fenced;
+            # a transaction that carries the outcome (complete) is fenced by that UPDATE.
+            if run.pending_complete or not session.in_transaction():
+                return
+            if not jobstore.fence(session, run.job_id, run.epoch):
+                run.lost = True
+                raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+
+        event.listen(s, "before_commit", fence_before_commit)
         try:
             yield s
             if run.pending_complete:
                 self._commit_with_outcome(s, run)
             else:
-                if s.in_transaction() and not jobstore.fence(s, run.job_id, run.epoch):
-                    run.lost = True
-                    raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
                 s.commit()
         except BaseException:
             run.pending_complete = False
@@ -196,8 +204,8 @@ class JobTask(Task):
                 log.warning("job.commit_answer_lost_but_committed", error=describe(exc))
             else:
                 raise
-        run.pending_complete = False
         run.completed = True
+        run.pending_complete = False
 
     def complete(self, session: Session, result: Any) -> Any:
         """Record the job's success in this fenced transaction and return `result`: the
@@ -258,6 +266,7 @@ class JobTask(Task):
             return jobstore.children(run.job_id)
         if total:  # delivered while children still run (a stray duplicate): wait again
             self._suspend(run)
+            return jobstore.children(run.job_id)  # the last child ended meanwhile
         from workers.enqueue import fan_out_children
 
         specs = build()
@@ -271,10 +280,22 @@ class JobTask(Task):
         raise Suspended()
 
     def _suspend(self, run: Run) -> None:
+        """Back to waiting, unless the last child ended since we looked (then return and
+        let the caller read the children)."""
         with session_scope() as s:
-            s.execute(text("UPDATE job_runs SET status='waiting', lease_expires_at=NULL, "
-                           "attempts=attempts-1 WHERE id=:id AND epoch=:e AND status='running' "
-                           "AND children_pending > 0"), {"id": run.job_id, "e": run.epoch})
+            parked = s.execute(
+                text("UPDATE job_runs SET status='waiting', lease_expires_at=NULL, "
+                     "attempts=attempts-1 WHERE id=:id AND epoch=:e AND status='running' "
+                     "AND children_pending > 0 RETURNING 1"),
+                {"id": run.job_id, "e": run.epoch}).first()
+            if parked is None:
+                owned = s.execute(text("SELECT 1 FROM job_runs WHERE id=:id AND epoch=:e "
+                                       "AND status='running'"),
+                                  {"id": run.job_id, "e": run.epoch}).first()
+                if owned is None:
+                    run.lost = True
+                    raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+                return
         raise Suspended()
 
     def parse_params(self, raw: Any) -> BaseModel:
@@ -299,11 +320,10 @@ class JobTask(Task):
         this in the worker's main process, which records `time_limit` once the child is
         provably dead (conditional on the epoch it saw)."""
         if isinstance(exc, TimeLimitExceeded):
-            try:
-                jobstore.fail_if_owner_dead(task_id, "time_limit",
-                                            f"hard time limit exceeded ({exc})")
-            except Exception:
-                log.exception("job.time_limit_not_recorded", job_id=task_id)
+            # Billiard calls this BEFORE it kills the child (TimeoutHandler.on_hard_timeout:
+            # handle_timeout, then _trywaitkill): wait for the death off the event loop.
+            threading.Thread(target=_record_time_limit, args=(task_id, str(exc)),
+                             name="time-limit", daemon=True).start()
 
     # -- the job core ---------------------------------------------------------------------
 
@@ -324,17 +344,27 @@ class JobTask(Task):
             claim = jobstore.claim(job_id, self.name, raw, owner, worker,
                                    self.max_attempts or settings.max_attempts,
                                    singleton=self.singleton)
-        except Exception as exc:
-            # Postgres unreachable past the retry budget (or a bug): the message must come
-            # back, never be dropped.
+        except jobstore.RETRYABLE_DB_ERRORS as exc:
+            # Postgres unreachable past the retry budget: the message must come back.
             log.error("job.claim_failed", error=describe(exc))
             time.sleep(min(5.0, backoff(1)))
             raise Reject(exc, requeue=True) from exc
+        except Exception as exc:
+            # Deterministic (a task id that is no job id, a bug): requeueing would loop
+            # for ever. Drop this copy, loudly; a job with a row is re-sent by the relay's
+            # backstop (never delivered), at its own pace.
+            log.exception("job.claim_error", error=describe(exc))
+            raise Reject(exc, requeue=False) from exc
         if claim.idempotency_key:
             structlog.contextvars.bind_contextvars(idempotency_key=claim.idempotency_key)
         if claim.action == "done":
             log.info("job.duplicate_delivery_skipped")
             return claim.result
+        if claim.action == "early":
+            # A copy that came before the job is due: send it again for the due time (the
+            # row's own message may be this one, sent by a clock ahead of the database's).
+            log.info("job.early_delivery_deferred", due_in=round(claim.due_in, 2))
+            self._later(job_id, raw, claim.due_in, defer=False)
         if claim.action == "singleton_busy":
             log.info("job.singleton_busy")
             self._later(job_id, raw, settings.lease_ttl + random.uniform(0, 2), defer=True)
@@ -451,6 +481,15 @@ class JobTask(Task):
             # job again (nothing of this run committed with an outcome).
             log.error("job.outcome_not_recorded", status=status, error=describe(err))
         raise Ignore()
+
+
+def _record_time_limit(task_id: str, why: str) -> None:
+    try:
+        if not jobstore.fail_if_owner_dead(task_id, "time_limit",
+                                           f"hard time limit exceeded ({why})", wait=60.0):
+            log.warning("job.time_limit_not_recorded", job_id=task_id)
+    except Exception:
+        log.exception("job.time_limit_not_recorded", job_id=task_id)
 
 
 def describe(exc: BaseException) -> str:

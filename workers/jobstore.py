@@ -93,6 +93,7 @@ class Claim:
     result: Any = None
     status: str | None = None
     idempotency_key: str | None = None
+    due_in: float = 0.0
 
 
 # A job not started before expires_at is cancelled instead of run; a running job (orphaned
@@ -117,7 +118,10 @@ _CLAIM_SET = (
 # Claimable: queued or retrying within the budget; running and already ours (a retried
 # claim whose answer was lost); running whose lease lapsed (its owner is gone or stalled).
 _CLAIMABLE = (
-    "((status IN ('queued', 'retrying') AND attempts < max_attempts) "
+    "((status IN ('queued', 'retrying') AND attempts < max_attempts "
+    # A copy of the message that arrives before the job is due (a requeue, a restore) does
+    # not run it early: the backoff holds, and no attempt is spent.
+    "  AND COALESCE(next_attempt_at, not_before, '-infinity') <= now() + interval '1 second') "
     " OR (status = 'running' AND owner = :o) "
     " OR (status = 'running' AND attempts < max_attempts "
     "     AND COALESCE(lease_expires_at, '-infinity') < now()))"
@@ -128,6 +132,18 @@ _CLAIM_SINGLETON = text(
     f"{_CLAIM_SET} WHERE id = :id AND {_CLAIMABLE} AND NOT EXISTS ("
     "  SELECT 1 FROM job_runs o WHERE o.type = :t AND o.status = 'running' AND o.id <> :id "
     f"  AND o.lease_expires_at > now()) {_RETURNING}"
+)
+# Under the type's advisory lock, before a singleton's claim: a running job of the type
+# whose lease lapsed (its owner died or stalled) is fenced off (new epoch, not running), so
+# a stalled holder that resumes can commit nothing while the next job of the type runs; the
+# relay sends it again (unpublished, due now).
+_FENCE_LAPSED_SINGLETONS = text(
+    "UPDATE job_runs SET status = 'retrying', epoch = epoch + 1, lease_expires_at = NULL, "
+    "next_attempt_at = now(), published_at = NULL, delivered_at = NULL, "
+    "error_code = 'lease_lapsed', error_message = 'its lease lapsed while another job of "
+    "the singleton type was due' "
+    "WHERE type = :t AND status = 'running' AND id <> :id "
+    "AND COALESCE(lease_expires_at, '-infinity') <= now()"
 )
 # A takeover of a job whose owner provably died on this kernel (SIGKILL, OOM): its lease
 # has not lapsed yet, but nobody is left to heartbeat it.
@@ -171,6 +187,7 @@ def _claim_once(args: dict[str, Any], singleton: bool) -> Any:
     with get_engine().begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
                      {"k": f"warden:singleton:{args['t']}"})
+        conn.execute(_FENCE_LAPSED_SINGLETONS, args)
         return conn.execute(_CLAIM_SINGLETON, args).first()
 
 
@@ -179,11 +196,16 @@ def _not_claimed(jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any
     with session_scope() as s:
         cur = s.execute(
             text("SELECT status, attempts, max_attempts, epoch, owner, result, "
-                 "COALESCE(lease_expires_at, '-infinity') > now() AS lease_live "
+                 "COALESCE(lease_expires_at, '-infinity') > now() AS lease_live, "
+                 "EXTRACT(EPOCH FROM COALESCE(next_attempt_at, not_before, '-infinity') "
+                 "  - now()) AS due_in "
                  "FROM job_runs WHERE id = :id"), {"id": jid},
         ).first()
         if cur is None:
             return _adopt(s, jid, job_type, params, args, default_max_attempts)
+        if cur.status == "running" and cur.owner == args["o"]:
+            # Our own takeover or adoption committed and its answer was lost: it is ours.
+            return Claim("run", cur.attempts, cur.max_attempts, cur.epoch)
         if cur.status == "succeeded":
             return Claim("done", cur.attempts, cur.max_attempts, cur.epoch, cur.result,
                          cur.status)
@@ -212,6 +234,10 @@ def _not_claimed(jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any
                     return Claim("run", row.attempts, row.max_attempts, row.epoch,
                                  idempotency_key=row.idempotency_key)
             return Claim("busy", cur.attempts, cur.max_attempts, cur.epoch, status=cur.status)
+        if cur.status in ("queued", "retrying") and cur.due_in is not None \
+                and cur.due_in > 1:
+            return Claim("early", cur.attempts, cur.max_attempts, cur.epoch,
+                         status=cur.status, due_in=float(cur.due_in))
         if singleton:
             return Claim("singleton_busy", cur.attempts, cur.max_attempts, cur.epoch,
                          status=cur.status)
@@ -311,8 +337,12 @@ def recorded(job_id: str, epoch: int, status: str) -> bool:
     return with_retry(once, "read-back")
 
 
+# clock_timestamp(), not now(): in the family's transaction now() is when the transaction
+# BEGAN, so a step longer than the lease would commit a lease already in the past and hand
+# a healthy run's job to the relay; and never shorten the heartbeat's lease.
 FENCE_SQL = text(
-    "UPDATE job_runs SET lease_expires_at = now() + make_interval(secs => :ttl) "
+    "UPDATE job_runs SET lease_expires_at = GREATEST(lease_expires_at, "
+    "clock_timestamp() + make_interval(secs => :ttl)) "
     "WHERE id=:id AND epoch=:e AND status='running'"
 )
 
@@ -382,6 +412,24 @@ def fail_unknown_type(job_id: str, job_type: str, worker: str) -> bool:
             ).rowcount == 1
 
     return with_retry(once, "unknown-type")
+
+
+def record_revoked(job_id: str, *, terminated: bool) -> bool:
+    """Celery revoked the job (Flower, `celery control revoke`): a job not started is
+    cancelled; a run that was terminated is failed (an operator may retry it). Guarded by
+    status, so a job that already ended keeps its outcome."""
+    def once() -> bool:
+        with autocommit() as conn:
+            return conn.execute(
+                text("UPDATE job_runs SET finished_at=now(), lease_expires_at=NULL, "
+                     "status = CASE WHEN status='running' THEN 'failed' ELSE 'cancelled' END, "
+                     "error_code='revoked', error_message='revoked with Celery control "
+                     "(Flower)' WHERE id=:id AND (status IN ('queued', 'retrying') "
+                     "OR (status='running' AND :t))"),
+                {"id": _uuid(job_id), "t": terminated},
+            ).rowcount == 1
+
+    return with_retry(once, "revoked")
 
 
 def fail_if_owner_dead(job_id: str, code: str, message: str, wait: float = 5.0) -> bool:

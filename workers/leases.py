@@ -136,9 +136,10 @@ def remaining_ttl(key: str) -> float:
 
 
 @contextlib.contextmanager
-def held(key: str, ttl: float | None = None) -> Iterator[Lease | None]:
-    """`with held(key) as lease:` lease is None when someone else holds it."""
-    lease = acquire(key, ttl)
+def held(key: str, ttl: float | None = None, *, renew: bool = True) -> Iterator[Lease | None]:
+    """`with held(key) as lease:` lease is None when someone else holds it. With
+    renew=False the lease lasts its TTL at most: a holder that hangs gives it up."""
+    lease = acquire(key, ttl, renew=renew)
     try:
         yield lease
     finally:

@@ -78,6 +78,14 @@ def _message_id(raw: Any) -> str | None:
         return None
 
 
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 class BrokerView:
     """What the broker's queue holds right now.
 
@@ -92,12 +100,15 @@ class BrokerView:
         self.depth = int(client.llen(broker_key(queue)))
         self.queued: set[str] | None = None
         self.oldest: str | None = None
+        self.tail: list[str] = []
         if self.depth <= SCAN_LIMIT:
             self.queued = {i for raw in client.lrange(broker_key(queue), 0, -1)
                            if (i := _message_id(raw)) is not None}
-        else:  # LPUSH in, BRPOP out: the oldest waiting message is the list's tail
-            tail = client.lindex(broker_key(queue), -1)
-            self.oldest = _message_id(tail) if tail else None
+        else:  # LPUSH in, BRPOP out: the oldest waiting messages are the list's tail
+            # (a few: one that is not a job's, by id or row, must not hide the others)
+            self.tail = [i for raw in reversed(client.lrange(broker_key(queue), -10, -1))
+                         if (i := _message_id(raw)) is not None and _is_uuid(i)]
+            self.oldest = self.tail[0] if self.tail else None
 
     def present(self, job_id: str) -> bool | None:
         """True/False when the view is exact; None when only the oldest message is known."""
@@ -116,8 +127,10 @@ class Relay:
     def run_once(self) -> int:
         """One pass; returns how many jobs were published."""
         settings = get_settings()
+        # Not renewed: a relay that hangs mid-pass (a half-open socket) loses the lease after
+        # its TTL and another process's relay takes over.
         ttl = max(30.0, settings.relay_interval * 5)
-        with leases.held(key("lease:relay"), ttl=ttl) as lease:
+        with leases.held(key("lease:relay"), ttl=ttl, renew=False) as lease:
             if lease is None:
                 return 0
             args = {"grace": settings.relay_grace, "lost": settings.relay_lost_after, "n": BATCH}
@@ -125,7 +138,11 @@ class Relay:
                 unpublished = s.execute(_UNPUBLISHED, args).all()
                 undelivered = s.execute(_UNDELIVERED, args).all()
                 lapsed = s.execute(_LAPSED, args).all()
-            lost = self._lost(undelivered) if undelivered else []
+            try:
+                lost = self._lost(undelivered) if undelivered else []
+            except Exception as exc:  # the broker view failed: still send the other kinds
+                log.warning("relay.lost_check_failed", error=f"{type(exc).__name__}: {exc}")
+                lost = []
             sent = self._send([*unpublished, *lost, *lapsed])
             if sent:
                 log.info("relay.published", count=sent, unpublished=len(unpublished),
@@ -138,11 +155,11 @@ class Relay:
 
         view = BrokerView(QUEUE)
         oldest_published = None
-        if view.queued is None and view.oldest is not None:
+        if view.queued is None and view.tail:
             with session_scope() as s:
                 oldest_published = s.execute(
-                    text("SELECT published_at FROM job_runs WHERE id = :id"),
-                    {"id": uuid.UUID(view.oldest)},
+                    text("SELECT min(published_at) FROM job_runs WHERE id = ANY(:ids)"),
+                    {"ids": [uuid.UUID(i) for i in view.tail]},
                 ).scalar()
         lost = []
         for row in rows:

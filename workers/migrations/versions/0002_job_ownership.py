@@ -44,12 +44,20 @@ BEGIN
                                 THEN NULL ELSE delivered_at END
         WHERE id = NEW.parent_id;
     ELSIF OLD.status IN {FINAL} AND NEW.status NOT IN {FINAL} THEN
-        -- an operator retried a finished child: its parent waits for it again
+        -- an operator retried a finished child: its parent waits for it again. A parent
+        -- running right now (adding up what it read) is fenced off: new epoch, so its
+        -- outcome cannot commit; it runs again once the child has ended. A finished parent
+        -- gets a fresh budget, as an operator retry gives. (SET sees the old values.)
         UPDATE job_runs SET
             children_pending = children_pending + 1,
-            status = CASE WHEN status IN {FINAL} OR status = 'queued' THEN 'waiting'
-                          ELSE status END,
-            finished_at = NULL
+            epoch = epoch + CASE WHEN status = 'running' THEN 1 ELSE 0 END,
+            attempts = CASE WHEN status IN ('succeeded', 'failed', 'dead') THEN 0
+                            WHEN status = 'running' THEN GREATEST(attempts - 1, 0)
+                            ELSE attempts END,
+            status = CASE WHEN status = 'cancelled' THEN status ELSE 'waiting' END,
+            lease_expires_at = NULL,
+            next_attempt_at = CASE WHEN status = 'cancelled' THEN next_attempt_at END,
+            finished_at = CASE WHEN status = 'cancelled' THEN finished_at END
         WHERE id = NEW.parent_id AND children_total > 0;
     END IF;
     RETURN NULL;
