@@ -29,8 +29,18 @@ from sqlalchemy import text
 
 from api_stub.auth import require
 from api_stub.middleware import BodyLimit, Observe
-from api_stub.schemas import KEY_PATTERN, JobIn, JobOut, JobPage, JobTypeOut
-from workers import jobstore, metrics
+from api_stub.schemas import (
+    KEY_PATTERN,
+    BulkIn,
+    BulkResult,
+    JobIn,
+    JobOut,
+    JobPage,
+    JobTypeOut,
+    OperatorLogPage,
+    ReasonIn,
+)
+from workers import jobstore, metrics, operator, oplog, why
 from workers.db import AsyncPool, PoolTimeout, session_scope
 from workers.enqueue import (
     IdempotencyConflict,
@@ -47,7 +57,7 @@ from workers.models import JOB_STATUSES
 from workers.redis_client import get_redis
 from workers.relay import Relay
 from workers.settings import get_settings
-from workers.tokens import TokenCache
+from workers.tokens import Principal, TokenCache
 
 log = structlog.get_logger("warden.api")
 
@@ -167,10 +177,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         row = jobstore.get(job_id)
         if row is None:
             raise HTTPException(404, f"no job {job_id}")
-        out = JobOut.from_row(row)
-        if out.children_total:
-            out.children = jobstore.children_summary(job_id)
-        return out
+        return job_out(row)
 
     @app.get("/v1/jobs", response_model=JobPage,
               dependencies=[Depends(require("read"))])
@@ -203,20 +210,49 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
             ).decode()
         return JobPage(items=items, next_cursor=next_cursor)
 
-    @app.post("/v1/jobs/{job_id}/retry", response_model=JobOut,
-              dependencies=[Depends(require("admin"))])
-    def retry_job(job_id: uuid.UUID) -> Any:
-        """Run a failed or dead job again with a fresh attempt budget (409 otherwise)."""
-        row = _operate(jobstore.operator_retry, job_id)
-        publisher.submit(row["id"], row["type"], row["params"])
-        log.info("job.retry_requested", job_id=str(job_id))
-        return JobOut.from_row(jobstore.get(job_id))
+    @app.post("/v1/jobs/retry", response_model=BulkResult)
+    def retry_jobs(body: BulkIn,
+                   who: Annotated[Principal, Depends(require("admin"))]) -> Any:
+        """Retry every failed or dead job the filter matches (a dry run counts them); the
+        relay publishes them in batches. Recorded in the operator log with the reason."""
+        return _bulk("retry", body, who)
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,
-              dependencies=[Depends(require("admin"))])
-    def cancel_job(job_id: uuid.UUID) -> Any:
+    @app.post("/v1/jobs/cancel", response_model=BulkResult)
+    def cancel_jobs(body: BulkIn,
+                    who: Annotated[Principal, Depends(require("admin"))]) -> Any:
+        """Cancel every queued or retrying job the filter matches (a dry run counts them)."""
+        return _bulk("cancel", body, who)
+
+    @app.post("/v1/jobs/{job_id}/retry", response_model=JobOut)
+    def retry_job(job_id: uuid.UUID, body: ReasonIn,
+                  who: Annotated[Principal, Depends(require("admin"))]) -> Any:
+        """Run a failed or dead job again with a fresh attempt budget (409 otherwise)."""
+        row = _operate(lambda j: operator.retry(j, actor=who.name, reason=body.reason), job_id)
+        publisher.submit(row["id"], row["type"], row["params"])
+        log.info("job.retry_requested", job_id=str(job_id), actor=who.name)
+        return job_out(jobstore.get(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+    def cancel_job(job_id: uuid.UUID, body: ReasonIn,
+                   who: Annotated[Principal, Depends(require("admin"))]) -> Any:
         """Cancel a job that has not started (queued or retrying); 409 for any other state."""
-        return JobOut.from_row(_operate(jobstore.operator_cancel, job_id))
+        row = _operate(lambda j: operator.cancel(j, actor=who.name, reason=body.reason), job_id)
+        log.info("job.cancel_requested", job_id=str(job_id), actor=who.name)
+        return job_out(row)
+
+    @app.get("/v1/operator-log", response_model=OperatorLogPage,
+             dependencies=[Depends(require("read"))])
+    def operator_log(
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        before_id: Annotated[int | None, Query(ge=1)] = None,
+        action: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> Any:
+        """Who did what, to how many, and why; newest first (pass next_before_id back)."""
+        with session_scope() as s:
+            rows = oplog.entries(s, limit=limit + 1, before_id=before_id, action=action)
+        items = rows[:limit]
+        return {"items": items,
+                "next_before_id": items[-1]["id"] if len(rows) > limit else None}
 
     @app.get("/v1/job-types", response_model=list[JobTypeOut],
               dependencies=[Depends(require("read"))])
@@ -277,6 +313,28 @@ def family_routers() -> list[APIRouter]:
         module = importlib.import_module(f"api_stub.routes.{info.name}")
         found.append(module.router)
     return found
+
+
+def job_out(row: Any) -> JobOut:
+    """One job in full: its children by status, and what it waits on."""
+    out = JobOut.from_row(row)
+    if out.children_total:
+        out.children = jobstore.children_summary(out.id)
+    task = job_types().get(out.type)
+    out.waiting_on = why.explain(row, singleton=bool(getattr(task, "singleton", False)))
+    return out
+
+
+def _bulk(action: operator.Action, body: BulkIn, who: Principal) -> Any:
+    flt = operator.JobFilter(status=body.status, type=body.type,
+                             created_after=body.created_after,
+                             created_before=body.created_before)
+    try:
+        return operator.bulk(action, flt, actor=who.name, reason=body.reason,
+                             dry_run=body.dry_run)
+    except operator.FilterError as exc:
+        raise HTTPException(422, [{"loc": ["body", "status"], "msg": str(exc),
+                                   "type": "value_error"}]) from exc
 
 
 def _operate(op: Callable[[uuid.UUID], Any], job_id: uuid.UUID) -> Any:

@@ -59,6 +59,8 @@ class JobOut(BaseModel):
     children_pending: int = 0
     children: dict[str, int] | None = Field(None, description="children by status (GET one)")
     progress: dict[str, Any] | None = None
+    waiting_on: dict[str, Any] | None = Field(
+        None, description="why it is not running (GET one): reason, message, details")
 
     @classmethod
     def from_row(cls, row: Any) -> JobOut:
@@ -81,3 +83,46 @@ class JobTypeOut(BaseModel):
     singleton: bool
     max_attempts: int
     params_schema: dict[str, Any]
+
+
+class ReasonIn(BaseModel):
+    """An operator action's reason (recorded in the operator log)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(..., min_length=1, max_length=1000, pattern=r"\S",
+                        examples=["dependency fixed: INC-231"])
+
+
+class BulkIn(ReasonIn):
+    """Retry or cancel by filter. `status` must be one the action touches (retry: failed,
+    dead; cancel: queued, retrying), or omitted for all of them; times bound created_at."""
+
+    status: str | None = Field(None, max_length=16)
+    type: str | None = Field(None, max_length=100)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    dry_run: bool = False
+
+
+class BulkResult(BaseModel):
+    action: str
+    matched: int
+    changed: int
+    dry_run: bool
+
+
+class OperatorLogEntry(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    reason: str
+    count: int
+    details: dict[str, Any] | None
+
+
+class OperatorLogPage(BaseModel):
+    items: list[OperatorLogEntry]
+    next_before_id: int | None

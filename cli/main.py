@@ -166,13 +166,9 @@ def token_revoke(name: str) -> None:
 
 
 def _job_json(row: Any) -> str:
-    from api_stub.schemas import JobOut
-    from workers import jobstore
+    from api_stub.app import job_out
 
-    out = JobOut.from_row(row)
-    if out.children_total:
-        out.children = jobstore.children_summary(out.id)
-    return out.model_dump_json(indent=2)
+    return job_out(row).model_dump_json(indent=2)
 
 
 @cli.command()
@@ -243,7 +239,11 @@ def job(job_id: str) -> None:
     row = jobstore.get(_job_uuid(job_id))
     if row is None:
         fail(f"no job {job_id}")
-    click.echo(_job_json(row))
+    out = _job_json(row)
+    click.echo(out)
+    waiting = json.loads(out).get("waiting_on") or {}
+    if waiting:  # the human answer to "why is it not running?", on stderr
+        click.echo(f"{waiting.get('reason')}: {waiting.get('message')}", err=True)
 
 
 def _job_uuid(raw: str) -> str:
@@ -255,19 +255,105 @@ def _job_uuid(raw: str) -> str:
         fail(f"{raw!r} is not a job id (a UUID)", 2)
 
 
-@cli.command()
-@click.argument("job_id")
-def retry(job_id: str) -> None:
-    """Run a failed or dead job again."""
-    from workers import jobstore
-    from workers.enqueue import publish
+def operator_name() -> str:
+    """Who acts from the CLI, for the operator log: `cli:<login>`."""
+    import getpass
 
     try:
-        row = jobstore.operator_retry(_job_uuid(job_id))
-    except (jobstore.JobNotFound, jobstore.JobStateConflict) as exc:
-        fail(str(exc))
-    publish(row["id"], row["type"], row["params"])
-    click.echo(f"job {row['id']} queued again")
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli:unknown"
+
+
+def _filter_options(f: Any) -> Any:
+    for option in (
+        click.option("--status", default=None, help="bulk: only jobs in this status"),
+        click.option("--type", "job_type", default=None, help="bulk: only this job type"),
+        click.option("--since", default=None, type=click.DateTime(),
+                     help="bulk: created at or after (UTC)"),
+        click.option("--until", default=None, type=click.DateTime(),
+                     help="bulk: created before (UTC)"),
+        click.option("--dry-run", is_flag=True, help="bulk: only count the jobs"),
+        click.option("--reason", required=True, help="why (recorded in the operator log)"),
+    ):
+        f = option(f)
+    return f
+
+
+def _act(action: str, job_id: str | None, status: str | None, job_type: str | None,
+         since: Any, until: Any, dry_run: bool, reason: str) -> None:
+    """One job by id, or every job a filter matches."""
+    from datetime import UTC
+
+    from workers import jobstore, operator, oplog
+    from workers.enqueue import publish
+
+    if job_id is not None:
+        if status or job_type or since or until or dry_run:
+            fail("give a job id or a filter (--status/--type/--since/--until), not both", 2)
+        act = operator.retry if action == "retry" else operator.cancel
+        try:
+            row = act(_job_uuid(job_id), actor=operator_name(), reason=reason)
+        except (jobstore.JobNotFound, jobstore.JobStateConflict, oplog.ReasonRequired) as exc:
+            fail(str(exc))
+        if action == "retry":
+            publish(row["id"], row["type"], row["params"])
+            click.echo(f"job {row['id']} queued again")
+        else:
+            click.echo(f"job {row['id']} cancelled")
+        return
+    if not (status or job_type or since or until):
+        fail("give a job id, or a filter: --status, --type, --since, --until", 2)
+    flt = operator.JobFilter(status=status, type=job_type,
+                             created_after=since.replace(tzinfo=UTC) if since else None,
+                             created_before=until.replace(tzinfo=UTC) if until else None)
+    try:
+        result = operator.bulk(action, flt, actor=operator_name(),  # type: ignore[arg-type]
+                               reason=reason, dry_run=dry_run)
+    except (operator.FilterError, oplog.ReasonRequired) as exc:
+        fail(str(exc), 2)
+    if dry_run:
+        click.echo(f"{result['matched']} job(s) match (dry run: nothing changed)")
+    else:
+        click.echo(f"{result['matched']} job(s) match; {result['changed']} "
+                   f"{'retried' if action == 'retry' else 'cancelled'}")
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@_filter_options
+def retry(job_id: str | None, status: str | None, job_type: str | None, since: Any,
+          until: Any, dry_run: bool, reason: str) -> None:
+    """Run a failed or dead job again (by id, or every one a filter matches)."""
+    _act("retry", job_id, status, job_type, since, until, dry_run, reason)
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@_filter_options
+def cancel(job_id: str | None, status: str | None, job_type: str | None, since: Any,
+           until: Any, dry_run: bool, reason: str) -> None:
+    """Cancel a queued or retrying job (by id, or every one a filter matches)."""
+    _act("cancel", job_id, status, job_type, since, until, dry_run, reason)
+
+
+@cli.command()
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
+@click.option("--action", default=None, help="only this action (job.retry, audit.undo, ...)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def oplog(limit: int, action: str | None, as_json: bool) -> None:
+    """The operator log: who did what, to how many, and why (newest first)."""
+    from workers import oplog as log
+    from workers.db import session_scope
+
+    with session_scope() as s:
+        rows = log.entries(s, limit=limit, action=action)
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps(r, default=str))
+        else:
+            click.echo(f"{r['at']:%Y-%m-%d %H:%M:%S}  {r['actor']:<20} {r['action']:<22} "
+                       f"{r['target'] or '-':<36} n={r['count']}  {r['reason']}")
 
 
 @cli.command()
@@ -306,7 +392,18 @@ def main() -> None:
     from pydantic import ValidationError
 
     try:
-        cli(standalone_mode=True)
+        code = cli(standalone_mode=False)
+    except click.exceptions.UsageError as exc:  # one line, like every other error
+        names: list[str] = []
+        ctx = exc.ctx
+        while ctx is not None and ctx.parent is not None:
+            names.insert(0, ctx.info_name or "")
+            ctx = ctx.parent
+        fail(f"{exc.format_message()} (see `{' '.join(['warden', *names, '--help'])}`)", 2)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.exceptions.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
     except SettingsError as exc:
         fail(str(exc))
     except sqlalchemy.exc.OperationalError as exc:
@@ -316,6 +413,8 @@ def main() -> None:
         where = ".".join(str(p) for p in first["loc"])
         setting = f"WARDEN_{where.upper()}: " if where else ""
         fail(f"invalid setting {setting}{first['msg']}")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

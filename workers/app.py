@@ -140,10 +140,31 @@ def _start_relay(**_: Any) -> None:
         _relay.start()
 
 
+_worker_beat: Any = None
+
+
+@signals.worker_ready.connect
+def _start_worker_beat(sender: Any = None, **_: Any) -> None:
+    """Announce this worker and its queues in Redis (workers.liveness)."""
+    global _worker_beat
+    from workers.liveness import WorkerBeat
+
+    consumer = getattr(sender, "consumer", sender)
+    hostname = getattr(sender, "hostname", None) or "unknown"
+    try:
+        queues = sorted(q.name for q in consumer.task_consumer.queues)
+    except Exception:
+        queues = [QUEUE]
+    _worker_beat = WorkerBeat(str(hostname), queues)
+    _worker_beat.start()
+
+
 @signals.worker_shutdown.connect
 def _stop_relay(**_: Any) -> None:
     if _relay is not None:
         _relay.stop()
+    if _worker_beat is not None:
+        _worker_beat.stop()
 
 
 @signals.task_unknown.connect

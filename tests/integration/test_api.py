@@ -159,15 +159,18 @@ def test_retry_only_failed_or_dead_and_cancel_only_unstarted(
     # given a job delayed by 10 minutes (queued)
     job_id = client.post("/v1/jobs", json={"type": "platform.ping", "countdown": 600}).json()["id"]
     # when retried while queued: 409
-    r = client.post(f"/v1/jobs/{job_id}/retry", headers=admin)
+    why = {"reason": "test"}
+    r = client.post(f"/v1/jobs/{job_id}/retry", json=why, headers=admin)
     assert r.status_code == 409
     assert "queued" in r.json()["detail"]
     # when cancelled: it is cancelled, and a second cancel is 409
-    c = client.post(f"/v1/jobs/{job_id}/cancel", headers=admin)
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=admin).status_code == 422
+    c = client.post(f"/v1/jobs/{job_id}/cancel", json=why, headers=admin)
     assert c.status_code == 200
     assert c.json()["status"] == "cancelled"
-    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=admin).status_code == 409
-    assert client.post(f"/v1/jobs/{uuid.uuid4()}/retry", headers=admin).status_code == 404
+    assert client.post(f"/v1/jobs/{job_id}/cancel", json=why, headers=admin).status_code == 409
+    assert client.post(f"/v1/jobs/{uuid.uuid4()}/retry", json=why,
+                       headers=admin).status_code == 404
 
 
 def test_job_types_publish_params_schema(client: httpx.Client) -> None:

@@ -33,7 +33,10 @@ def test_errors_are_one_line_and_nonzero(services: Services) -> None:
         (("enqueue", "platform.ping", "--param", "noequals"), "key=value"),
         (("job", "not-a-uuid"), "is not a job id"),
         (("job", str(uuid.uuid4())), "no job"),
-        (("retry", str(uuid.uuid4())), "no job"),
+        (("retry", str(uuid.uuid4()), "--reason", "x"), "no job"),
+        (("retry", str(uuid.uuid4())), "Missing option '--reason'"),
+        (("retry", "--reason", "x"), "give a job id, or a filter"),
+        (("cancel", "--status", "dead", "--reason", "x"), "cancel applies to"),
         (("token", "create", "--name", "x", "--scopes", "root"), "scopes must be"),
     ]
     for args, message in cases:
@@ -46,7 +49,7 @@ def test_errors_are_one_line_and_nonzero(services: Services) -> None:
 
 def test_retry_refuses_a_job_that_is_not_failed(services: Services) -> None:
     queued = json.loads(warden(services, "enqueue", "platform.ping", "--countdown", "600").stdout)
-    out = warden(services, "retry", queued["id"])
+    out = warden(services, "retry", queued["id"], "--reason", "test")
     assert out.returncode == 1
     assert "only failed or dead jobs can be retried" in out.stderr
 

@@ -145,6 +145,7 @@ def test_failure_at_batch_k_then_api_retry_resumes_at_k_and_equals_a_clean_run(
     # when the cause is removed and the failed job is retried through the job core's API
     st.db.execute("DROP TRIGGER test_inject ON xp_spend_requests")
     r = httpx.post(f"{st.api}/v1/jobs/{state['job_id']}/retry",
+                   json={"reason": "injected failure removed"},
                    headers={"Authorization": f"Bearer {st.admin}"}, timeout=10)
     assert r.status_code == 200, r.text
     done = st.wait_job(state["job_id"])

@@ -107,7 +107,7 @@ def test_transient_errors_end_dead_and_operator_retry_brings_it_back(
     assert job_id in [j["id"] for j in listed["items"]]
     # when the cause is fixed and an operator retries it
     rds.set(f"testing:fixed:{job_id}", "1")
-    r = client.post(f"/v1/jobs/{job_id}/retry",
+    r = client.post(f"/v1/jobs/{job_id}/retry", json={"reason": "dependency fixed"},
                     headers={"Authorization": f"Bearer {tokens['admin']}"})
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "queued"

@@ -336,7 +336,8 @@ def test_an_unknown_job_type_fails_and_is_retryable_once_a_worker_knows_it(
             **iso.env,
             "WARDEN_EXTRA_TASK_MODULES": '["tests.support.tasks", "tests.support.late_tasks"]'})
         # and an operator retries it (`warden retry`); then it runs and succeeds
-        retried = subprocess.run([sys.executable, "-m", "cli.main", "retry", job_id],
+        retried = subprocess.run([sys.executable, "-m", "cli.main", "retry", job_id,
+                                  "--reason", "the new deploy knows the type"],
                                  env=services.env(**iso.env), capture_output=True, text=True,
                                  timeout=60, check=False)
         assert retried.returncode == 0, retried.stderr

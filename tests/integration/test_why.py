@@ -1,0 +1,126 @@
+"""Why is this job not running? Each waiting reason, shown by putting a job in that state
+(issue 9, point 3), through the API and `warden job`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import ROOT, Isolated, Services, isolated, start_api
+from workers.tokens import hash_token
+
+TOKEN = "wdn_why-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def deployment(services: Services, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[Isolated, str]]:
+    """A database and Redis of their own, an API, and no worker (so nothing moves)."""
+    with isolated(services, tmp_path_factory.mktemp("why")) as iso:
+        with psycopg.connect(iso.database_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO api_tokens (name, token_hash, scopes) "
+                         "VALUES ('why', %s, '{read}')", (hash_token(TOKEN),))
+        # Its relay must not move the jobs the tests park (grace and lost-after of an hour).
+        api, base = start_api(services, env={**iso.env, "WARDEN_RELAY_GRACE": "3600",
+                                             "WARDEN_RELAY_LOST_AFTER": "3600"})
+        try:
+            yield iso, base
+        finally:
+            api.stop()
+
+
+def _why(base: str, job_id: str) -> dict[str, object]:
+    r = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"},
+                  timeout=10)
+    assert r.status_code == 200, r.text
+    waiting = r.json()["waiting_on"]
+    assert isinstance(waiting, dict)
+    return waiting
+
+
+def _job(iso: Isolated, job_type: str, sql_set: str, params: dict[str, object] | None = None
+         ) -> str:
+    job_id = iso.insert_job(job_type, params or {"seconds": 0})
+    with psycopg.connect(iso.database_url, autocommit=True) as conn:
+        conn.execute(f"UPDATE job_runs SET {sql_set} WHERE id = %s", (job_id,))
+    return job_id
+
+
+def test_countdown_backoff_outbox_and_dead(deployment: tuple[Isolated, str]) -> None:
+    iso, base = deployment
+    countdown = _job(iso, "testing.sleep_effect",
+                     "not_before = now() + interval '10 minutes', published_at = now()")
+    assert _why(base, countdown)["reason"] == "countdown"
+    backoff = _job(iso, "testing.flaky", "status = 'retrying', attempts = 2, "
+                   "next_attempt_at = now() + interval '5 minutes', published_at = now(), "
+                   "error_code = 'transient:TransientError'", {})
+    why = _why(base, backoff)
+    assert why["reason"] == "backoff"
+    assert "attempt 2 of 5" in str(why["message"]) and "transient:TransientError" in str(
+        why["message"])
+    outbox = _job(iso, "testing.sleep_effect", "published_at = NULL")
+    assert _why(base, outbox)["reason"] == "outbox"
+    dead = _job(iso, "testing.flaky", "status = 'dead', attempts = 3, finished_at = now(), "
+                "error_code = 'transient:TransientError', error_message = 'dependency down'", {})
+    why = _why(base, dead)
+    assert why["reason"] == "dead"
+    assert why["message"] == "dead after 3 attempts: transient:TransientError: dependency down"
+
+
+def test_singleton_held_by_another_job(deployment: tuple[Isolated, str]) -> None:
+    iso, base = deployment
+    holder = _job(iso, "testing.singleton_sleep", "status = 'running', attempts = 1, "
+                  "epoch = 1, lease_expires_at = now() + interval '1 minute', "
+                  "started_at = now(), published_at = now(), worker = 'w1:1'")
+    waiter = _job(iso, "testing.singleton_sleep", "published_at = now()")
+    why = _why(base, waiter)
+    assert (why["reason"], why["holder"]) == ("singleton", holder)
+    running = _why(base, holder)
+    assert running["reason"] == "running" and "w1:1" in str(running["message"])
+    with psycopg.connect(iso.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE job_runs SET status = 'succeeded', finished_at = now() "
+                     "WHERE id = %s", (holder,))
+
+
+def test_no_worker_then_jobs_ahead_in_the_queue(
+    services: Services, deployment: tuple[Isolated, str]
+) -> None:
+    iso, base = deployment
+    # given three jobs published before ours, none delivered
+    ahead = [_job(iso, "testing.sleep_effect",
+                  f"published_at = now() - interval '{10 - n} minutes'") for n in range(3)]
+    ours = _job(iso, "testing.sleep_effect", "published_at = now() - interval '1 minute'")
+    # when no worker consumes the queue: then that is the reason
+    assert _why(base, ours)["reason"] == "no_worker"
+    # when a (busy) worker consumes it: then the jobs ahead of ours are counted
+    r = redis.Redis.from_url(iso.redis_url)
+    r.set("warden:worker:busy@test", json.dumps({"node": "busy@test", "queues": ["warden"],
+                                                 "at": time.time()}), ex=30)
+    why = _why(base, ours)
+    assert (why["reason"], why["ahead"]) == ("queue", 3), (why, ahead)
+    # and `warden job` says the same on stderr, the job as JSON on stdout
+    out = subprocess.run([sys.executable, "-m", "cli.main", "job", ours], cwd=ROOT,
+                         env=services.env(**iso.env), capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["waiting_on"]["reason"] == "queue"
+    assert out.stderr.strip() == "queue: 3 job(s) ahead of it in queue 'warden', 1 worker(s) " \
+                                 "consuming"
+    r.delete("warden:worker:busy@test")
+
+
+def test_a_parent_waits_for_its_children(deployment: tuple[Isolated, str]) -> None:
+    iso, base = deployment
+    parent = _job(iso, "testing.fan_parent", "status = 'waiting', children_total = 4, "
+                  "children_pending = 3, published_at = now()", {"chunks": 4})
+    why = _why(base, parent)
+    assert why["reason"] == "children"
+    assert why["message"] == "waiting for 3 of 4 child jobs to end"
