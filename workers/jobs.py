@@ -174,7 +174,7 @@ class JobTask(Task):
         def fence_before_commit(session: Session) -> None:
             # Every COMMIT of this session, the family's own s.commit() included, is fenced;
             # a transaction that carries the outcome (complete) is fenced by that UPDATE.
-            if run.pending_complete or not session.in_transaction():
+            if run.pending_complete or run.completed:
                 return
             if not jobstore.fence(session, run.job_id, run.epoch):
                 run.lost = True
@@ -185,7 +185,7 @@ class JobTask(Task):
             yield s
             if run.pending_complete:
                 self._commit_with_outcome(s, run)
-            else:
+            elif s.in_transaction():  # (commit() of an unused session would begin one)
                 s.commit()
         except BaseException:
             run.pending_complete = False

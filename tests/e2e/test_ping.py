@@ -25,3 +25,14 @@ def test_ping_round_trip(client: httpx.Client, worker: Proc) -> None:
     assert body["attempts"] == 1
     assert body["published_at"] is not None
     assert elapsed < 5, f"ping took {elapsed:.2f}s"
+    # and the worker ended it as a success (Celery's own view, which Flower shows), with no
+    # ownership doubt on the way
+    deadline = time.monotonic() + 10
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = [line for line in worker.tail(500_000).splitlines() if job_id in line]
+        if any("succeeded in" in line for line in lines):
+            break
+        time.sleep(0.2)
+    assert any("succeeded in" in line for line in lines), lines
+    assert not any("ownership_lost" in line or "ignored" in line for line in lines), lines

@@ -51,7 +51,8 @@ def test_a_child_retried_while_its_parent_adds_up_is_counted_in_the_parent(
         child = str(_child_ids(iso, parent)[1])  # n = 1
         # when, meanwhile, an operator fixes one child's input and retries it
         redis.Redis.from_url(iso.redis_url).set(f"testing:fixed:{child}", "1")
-        done = subprocess.run([sys.executable, "-m", "cli.main", "retry", child],
+        done = subprocess.run([sys.executable, "-m", "cli.main", "retry", child,
+                               "--reason", "its input was fixed"],
                               env=services.env(**iso.env), capture_output=True,
                               text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
