@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,17 +21,12 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import Isolated, Proc, Services, isolated, start_api, start_worker
+from tests.conftest import Isolated, Proc, Services, start_api, start_worker
 from workers.tokens import hash_token
 
 pytestmark = pytest.mark.slow
 TTL = 3.0  # WARDEN_LEASE_TTL in tests
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def _starts(iso: Isolated, job_id: str) -> int:

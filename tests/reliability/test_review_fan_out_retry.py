@@ -14,23 +14,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
-from tests.conftest import Isolated, Services, isolated, start_worker
+from tests.conftest import Isolated, Services, start_worker
 
 pytestmark = pytest.mark.slow
 
 REVIEW_MODULES = '["tests.support.tasks", "tests.support.review_tasks"]'
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def test_a_child_retried_while_its_parent_adds_up_is_counted_in_the_parent(

@@ -11,23 +11,16 @@ with a new epoch. The healthy run is fenced off at its next step and the job sta
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import Isolated, Services, isolated, start_worker
+from tests.conftest import Isolated, Services, start_worker
 
 pytestmark = pytest.mark.slow
 
 REVIEW_MODULES = '["tests.support.tasks", "tests.support.review_tasks"]'
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def test_a_step_longer_than_the_lease_keeps_its_job(services: Services, iso: Isolated) -> None:

@@ -10,20 +10,13 @@ once, for ever, each time holding a pool process for a second or two; no row rec
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import Isolated, Services, isolated, start_worker
+from tests.conftest import Isolated, Services, start_worker
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def test_a_message_with_a_non_uuid_task_id_is_not_requeued_forever(

@@ -12,22 +12,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
-from tests.conftest import Isolated, Proc, Services, isolated
+from tests.conftest import Isolated, Proc, Services
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def _message(task_id: str) -> str:

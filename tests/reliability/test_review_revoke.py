@@ -16,21 +16,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import Isolated, Services, isolated, start_worker
+from tests.conftest import Isolated, Services, start_worker
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def test_a_job_revoked_from_flower_ends_cancelled(services: Services, iso: Isolated) -> None:

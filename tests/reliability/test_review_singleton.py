@@ -12,22 +12,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import Isolated, Services, isolated, start_worker
+from tests.conftest import Isolated, Services, start_worker
 
 pytestmark = pytest.mark.slow
 
 REVIEW_MODULES = '["tests.support.tasks", "tests.support.review_tasks"]'
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def _first_start_pid(iso: Isolated, job_id: str, timeout: float = 30) -> int:

@@ -11,22 +11,15 @@ every attempt of its budget (each up to the hard limit), ending `dead`/`worker_l
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import Isolated, Services, isolated, start_worker
+from tests.conftest import Isolated, Services, start_worker
 
 pytestmark = pytest.mark.slow
 
 REVIEW_MODULES = '["tests.support.tasks", "tests.support.review_tasks"]'
 
-
-@pytest.fixture
-def iso(services: Services, tmp_path: Path) -> Iterator[Isolated]:
-    with isolated(services, tmp_path) as deployment:
-        yield deployment
 
 
 def _starts(iso: Isolated, job_id: str) -> int:
