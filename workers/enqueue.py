@@ -185,6 +185,23 @@ def submit(
     return after_insert(prepared, row)
 
 
+def submit_in(session: Any, job_type: str, params: dict[str, Any] | None = None, *,
+              idempotency_key: str | None = None, source: str = "job") -> Prepared:
+    """Insert a job in the caller's transaction (a job that queues follow-up work commits it
+    with its own effect and outcome). Nothing is sent: publish it after the commit with
+    `publish_prepared`, or leave it to the relay (its row is unpublished). A key already
+    used makes this a no-op (ON CONFLICT), so a repeated run does not queue it twice."""
+    prepared = prepare(job_type, params, idempotency_key=idempotency_key, source=source)
+    session.connection().exec_driver_sql(INSERT_JOB, prepared.row_params)
+    return prepared
+
+
+def publish_prepared(prepared: Prepared) -> bool:
+    """Send a job inserted with `submit_in`, once its transaction committed."""
+    return publish(prepared.row_params["id"], prepared.job_type, prepared.clean,
+                   prepared.not_before)
+
+
 async def submit_async(prepared: Prepared, conn: Any) -> Submitted:
     """`submit` for the API's event loop: the insert on an async psycopg connection (no
     thread hop), the publish handed to the publisher thread."""

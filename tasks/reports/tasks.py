@@ -27,10 +27,9 @@ ALERT_ATTEMPTS = 8  # backoff 2, 4, ... 256 s (capped at WARDEN_RETRY_BACKOFF_MA
 
 def _queue_alert(session: Session, report_id: int) -> enqueue.Prepared:
     """The alert job's row, in the caller's transaction (published after the commit)."""
-    prepared = enqueue.prepare(ALERT_TASK, {"report_id": report_id},
-                               idempotency_key=f"{ALERT_TASK}:{report_id}",
-                               source="report.health")
-    session.connection().exec_driver_sql(enqueue.INSERT_JOB, prepared.row_params)
+    prepared = enqueue.submit_in(session, ALERT_TASK, {"report_id": report_id},
+                                 idempotency_key=f"{ALERT_TASK}:{report_id}",
+                                 source="report.health")
     service.set_alert_job(session, report_id, str(prepared.row_params["id"]))
     return prepared
 
@@ -53,7 +52,7 @@ def health(self: JobTask, params: Health) -> dict[str, Any]:
             stored = service.get_report(session, stored["id"])
         result = self.complete(session, stored)
     if alert is not None:
-        enqueue.publish(alert.row_params["id"], alert.job_type, alert.clean)
+        enqueue.publish_prepared(alert)
     return result
 
 
