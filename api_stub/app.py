@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import importlib.util
 import json
 import pkgutil
 import time
@@ -299,6 +300,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
 
     for router in family_routers():
         app.include_router(router)
+    family_metrics()
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit)
     return app
@@ -313,6 +315,15 @@ def family_routers() -> list[APIRouter]:
         module = importlib.import_module(f"api_stub.routes.{info.name}")
         found.append(module.router)
     return found
+
+
+def family_metrics() -> None:
+    """Import every `tasks.<family>.metrics` module: each adds its gauges to /metrics."""
+    import tasks as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.ispkg and importlib.util.find_spec(f"tasks.{info.name}.metrics") is not None:
+            importlib.import_module(f"tasks.{info.name}.metrics")
 
 
 def job_out(row: Any) -> JobOut:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
+
+from celery.schedules import crontab
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,34 @@ class Entry:
     expires: int
     slot_format: str
     params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def period(self) -> float:
+        """The longest gap between two firings, in seconds: what "overdue" is measured in
+        (the staleness alert of every entry fires after two of them)."""
+        return cron_period(**self.cron)
+
+
+@lru_cache(maxsize=64)
+def cron_period(minute: str = "*", hour: str = "*", day_of_week: str = "*",
+                day_of_month: str = "*", month_of_year: str = "*") -> float:
+    """The longest gap between two firings of a crontab over a 62-day window, in seconds
+    (a nightly entry: 86400). No firing twice in the window: the window itself."""
+    spec = crontab(minute=minute, hour=hour, day_of_week=day_of_week,
+                   day_of_month=day_of_month, month_of_year=month_of_year)
+    start = datetime(2026, 1, 1, tzinfo=UTC)  # any fixed day: only the gaps matter
+    days = 62
+    fires: list[datetime] = []
+    for d in range(days):
+        day = start + timedelta(days=d)
+        # celery counts days of the week from Sunday = 0
+        if (day.isoweekday() % 7 not in spec.day_of_week or day.day not in spec.day_of_month
+                or day.month not in spec.month_of_year):
+            continue
+        fires += [day.replace(hour=h, minute=m) for h in sorted(spec.hour)
+                  for m in sorted(spec.minute)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(fires)]
+    return max(gaps) if gaps else float(days * 86400)
 
 
 # The health check of the platform itself; job families add their entries here.

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -145,3 +146,34 @@ class OperatorAction(Base):
     reason: Mapped[str] = mapped_column(Text, nullable=False)
     count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     details: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class JobEvent(Base):
+    """One status change of a job, appended by a trigger (migration 0006) and folded into
+    job_stats by workers/stats.py, which deletes it."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("clock_timestamp()")
+    )
+    type: Mapped[str] = mapped_column(String(100), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    error_code: Mapped[str | None] = mapped_column(String(100))
+    run_seconds: Mapped[float | None] = mapped_column(Float)
+    wait_seconds: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int | None] = mapped_column(Integer)
+    entry: Mapped[str | None] = mapped_column(String(200))
+
+
+class JobStat(Base):
+    """A cumulative figure (counter, histogram bucket, sum, schedule time) by kind, job type
+    or schedule entry, and label: what /metrics reads instead of scanning job_runs."""
+
+    __tablename__ = "job_stats"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    type: Mapped[str] = mapped_column(String(200), primary_key=True)
+    label: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[float] = mapped_column(Float, nullable=False)

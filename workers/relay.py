@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from sqlalchemy import text
 
-from workers import leases
+from workers import leases, stats
 from workers.db import session_scope
 from workers.redis_client import get_redis, key
 from workers.settings import get_settings
@@ -147,6 +147,12 @@ class Relay:
             if sent:
                 log.info("relay.published", count=sent, unpublished=len(unpublished),
                          lost=len(lost), lapsed=len(lapsed))
+            # The job statistics are folded here too, so they stay current (and job_events
+            # small) where nobody scrapes /metrics.
+            try:
+                stats.fold()
+            except Exception as exc:
+                log.warning("relay.stats_fold_failed", error=f"{type(exc).__name__}: {exc}")
             return sent
 
     def _lost(self, rows: Sequence[Any]) -> list[Any]:

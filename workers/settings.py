@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     outcome_retry_seconds: float = Field(30.0, ge=0)
     # Bearer tokens are cached (by hash) this long in each API process; revocation lag.
     token_cache_seconds: float = Field(10.0, ge=0)
+    # Retention (platform.prune_jobs, nightly): finished jobs older than this many days are
+    # deleted in batches; failed and dead ones (each may still need an operator) are kept
+    # for job_retention_failed_days. Job statistics and schedule successes are kept apart
+    # (job_stats) and survive the prune.
+    job_retention_days: int = Field(30, ge=1, le=3650)
+    job_retention_failed_days: int = Field(90, ge=1, le=3650)
 
     # Data migrations (tasks/data_migrations, docs/jobs.md "migration.run").
     # Row-lock budget of one batch; the batch size adapts so a batch takes about half of

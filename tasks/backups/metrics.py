@@ -10,14 +10,10 @@ the age alert says so from its first day.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 
-from celery.schedules import crontab
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import text
@@ -41,32 +37,10 @@ LEFT JOIN LATERAL (
 """)
 
 
-@lru_cache(maxsize=8)
-def cron_period(minute: str = "*", hour: str = "*", day_of_week: str = "*",
-                day_of_month: str = "*", month_of_year: str = "*") -> float:
-    """The longest gap between two firings of a crontab over a 62-day window, in seconds
-    (a nightly entry: 86400). No firing twice in the window: the window itself."""
-    spec = crontab(minute=minute, hour=hour, day_of_week=day_of_week,
-                   day_of_month=day_of_month, month_of_year=month_of_year)
-    start = datetime(2026, 1, 1, tzinfo=UTC)  # any fixed day: only the gaps matter
-    days = 62
-    fires: list[datetime] = []
-    for d in range(days):
-        day = start + timedelta(days=d)
-        # celery counts days of the week from Sunday = 0
-        if (day.isoweekday() % 7 not in spec.day_of_week or day.day not in spec.day_of_month
-                or day.month not in spec.month_of_year):
-            continue
-        fires += [day.replace(hour=h, minute=m) for h in sorted(spec.hour)
-                  for m in sorted(spec.minute)]
-    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(fires)]
-    return max(gaps) if gaps else float(days * 86400)
-
-
 def schedule_period() -> float | None:
     """The period of the beat entry that runs backup.create (None without one)."""
     entry = next((e for e in SCHEDULE if e.task == CREATE_TASK), None)
-    return cron_period(**entry.cron) if entry is not None else None
+    return entry.period if entry is not None else None
 
 
 class BackupCollector(Collector):

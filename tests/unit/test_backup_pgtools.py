@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.backups.metrics import cron_period
+from schedules import cron_period
 from tasks.backups.pgtools import (
     PgToolsError,
     PgToolsTooOld,
