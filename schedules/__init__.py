@@ -119,6 +119,16 @@ SCHEDULE: tuple[Entry, ...] = (
         slot_format="%Y-%m-%dT%H:%M",
         params={"mode": "incremental"},
     ),
+    # Job-table retention (tasks/platform): nightly at 04:30, between the audit and the day;
+    # expires 6 h like the other nightly entries (the next night prunes what is left).
+    Entry(
+        name="job-retention",
+        task="platform.prune_jobs",
+        cron={"minute": "30", "hour": "4"},
+        expires=6 * 3600,
+        slot_format="%Y-%m-%d",
+        params={},
+    ),
     # Hourly, over the last 24 hours (the seed's cron did the same with --json); a degraded
     # report alerts the webhook. Expires within its hour: the next report supersedes it.
     Entry(

@@ -1,0 +1,89 @@
+"""Job retention: platform.prune_jobs, run by a real worker, deletes exactly the finished
+jobs past their retention and keeps everything an operator or a parent still needs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import psycopg
+
+from tests.conftest import Proc, wait_for_status
+from workers.enqueue import submit
+
+TYPE = f"testing.retention_{uuid.uuid4().hex[:6]}"  # rows of this test only
+
+
+def _job(db: psycopg.Connection, status: str, finished_days_ago: float | None,
+         parent: str | None = None, created_days_ago: float | None = None) -> str:
+    job_id = str(uuid.uuid4())
+    created = created_days_ago if created_days_ago is not None else (finished_days_ago or 0) + 1
+    db.execute(
+        "INSERT INTO job_runs (id, type, params, status, created_at, finished_at, parent_id, "
+        "attempts) VALUES (%s, %s, %s::jsonb, %s, now() - make_interval(days => %s), "
+        "CASE WHEN %s::float8 IS NULL THEN NULL "
+        "ELSE now() - make_interval(secs => %s::float8 * 86400) END, %s, 1)",
+        (job_id, TYPE, json.dumps({}), status, int(created), finished_days_ago,
+         finished_days_ago, parent))
+    if parent:
+        db.execute("UPDATE job_runs SET children_total = children_total + 1 WHERE id = %s",
+                   (parent,))
+    return job_id
+
+
+def _left(db: psycopg.Connection, ids: dict[str, str]) -> set[str]:
+    rows = db.execute("SELECT id::text FROM job_runs WHERE id = ANY(%s::uuid[])",
+                      (list(ids.values()),)).fetchall()
+    present = {r[0] for r in rows}
+    return {name for name, i in ids.items() if i in present}
+
+
+def test_prune_deletes_exactly_what_is_past_retention(db: psycopg.Connection,
+                                                       worker: Proc) -> None:
+    # given finished jobs around the 30-day and 90-day retentions, unfinished old jobs, and
+    # families of parents and children
+    ids = {
+        "succeeded_40d": _job(db, "succeeded", 40),
+        "succeeded_10d": _job(db, "succeeded", 10),
+        "cancelled_31d": _job(db, "cancelled", 31),
+        "failed_40d": _job(db, "failed", 40),
+        "dead_89d": _job(db, "dead", 89),
+        "failed_100d": _job(db, "failed", 100),
+        "dead_91d": _job(db, "dead", 91),
+        "queued_created_60d": _job(db, "queued", None, created_days_ago=60),
+        # created 50 days ago but finished yesterday: its retention counts from its end
+        "succeeded_created_50d_finished_1d": _job(db, "succeeded", 1, created_days_ago=50),
+    }
+    ids["parent_running"] = _job(db, "running", None, created_days_ago=45)
+    ids["child_of_running_40d"] = _job(db, "succeeded", 40, parent=ids["parent_running"])
+    ids["parent_with_young_failed_child"] = _job(db, "succeeded", 40)
+    ids["young_failed_child"] = _job(db, "failed", 40,
+                                     parent=ids["parent_with_young_failed_child"])
+    ids["old_parent"] = _job(db, "succeeded", 40)
+    ids["old_child"] = _job(db, "succeeded", 40, parent=ids["old_parent"])
+
+    # when a dry run is asked for, nothing goes and the counts say what would
+    dry = submit("platform.prune_jobs", {"dry_run": True})
+    row = wait_for_status(str(dry.job["id"]), {"succeeded", "failed", "dead"}, timeout=60)
+    assert row["status"] == "succeeded", row
+    assert _left(db, ids) == set(ids)
+    would = row["result"]["would_delete"]  # type: ignore[index]
+    assert would["succeeded"] >= 3 and would["failed"] >= 1 and would["dead"] >= 1
+
+    # when the prune runs
+    job = submit("platform.prune_jobs", {"batch_size": 100})
+    row = wait_for_status(str(job.job["id"]), {"succeeded", "failed", "dead"}, timeout=60)
+    assert row["status"] == "succeeded", row
+
+    # then exactly the jobs past their retention are gone
+    assert _left(db, ids) == {
+        "succeeded_10d", "failed_40d", "dead_89d", "queued_created_60d",
+        "succeeded_created_50d_finished_1d", "parent_running", "child_of_running_40d",
+        "parent_with_young_failed_child", "young_failed_child",
+    }
+    assert row["result"]["deleted"]["succeeded"] >= 3  # type: ignore[index]
+
+    # and a second run deletes nothing more of them
+    again = submit("platform.prune_jobs", {})
+    wait_for_status(str(again.job["id"]), {"succeeded"}, timeout=60)
+    assert len(_left(db, ids)) == 9
