@@ -221,6 +221,13 @@ def manifest_path(dump_path: Path | str) -> Path:
     return path.with_name(path.name.removesuffix(".dump") + ".manifest.json")
 
 
+def _files_of(path: Path | str, partial: Path | str) -> tuple[Path, ...]:
+    """Every file a backup may have on disk: the dump and its manifest, each under its
+    temporary name too (a run killed mid-seal leaves the manifest's partial)."""
+    mpath = manifest_path(path)
+    return Path(partial), Path(path), mpath.with_name(f".{mpath.name}.partial"), mpath
+
+
 def _tool_error(tool: str, stderr: str, code: int) -> Exception:
     message = f"{tool} exited {code}: {stderr[-1500:] or '(no output)'}"
     if _TRANSIENT_TOOL_ERRORS.search(stderr):
@@ -362,7 +369,7 @@ def create_backup(job_id: str | None = None, *, session: SessionFactory = sessio
             planned = _plan(s, job_id, target.dbname)
         for orphan in orphans:
             _stop_orphan_dump(orphan)
-            _remove_files(orphan.partial_path, orphan.path, manifest_path(orphan.path))
+            _remove_files(*_files_of(orphan.path, orphan.partial_path))
             log.warning("backup.orphan_failed", backup_id=orphan.id)
         try:
             row = _dump(target, tools, planned, version_num, version, check_owned)
@@ -370,7 +377,7 @@ def create_backup(job_id: str | None = None, *, session: SessionFactory = sessio
                 _record_success(s, row)
                 return complete(s, _created_result(row))
         except BaseException as exc:
-            _remove_files(planned.partial, planned.path, manifest_path(planned.path))
+            _remove_files(*_files_of(planned.path, planned.partial))
             with contextlib.suppress(Exception), session_scope() as s:
                 s.execute(text("UPDATE backups SET status = 'failed', finished_at = now(), "
                                "error = :e WHERE id = :id AND status = 'running'"),
@@ -413,6 +420,17 @@ def _dump(target: Target, tools: PgTools, planned: _Planned, version_num: int, v
     if code != 0:
         raise _tool_error("pg_dump", stderr, code)
     check_owned()
+    try:
+        return _seal(planned, counts, snapshot_at, catalogue, tools, version_num, version)
+    except OSError as exc:  # a full or failing disk: as clear as pg_dump's own ENOSPC
+        raise DumpFailed(f"sealing {planned.path}: {exc.strerror or exc} "
+                         f"(errno {exc.errno})") from exc
+
+
+def _seal(planned: _Planned, counts: dict[str, int], snapshot_at: datetime, catalogue: str,
+          tools: PgTools, version_num: int, version: str) -> dict[str, Any]:
+    """Fsync and hash the finished dump, rename it, write the manifest the same way, fsync
+    the directory: a file under a final name is whole and durable."""
     digest, size = sha256_file(planned.partial, fsync=True)
     os.replace(planned.partial, planned.path)
     finished = datetime.now(UTC)
