@@ -96,9 +96,11 @@ class Claim:
     due_in: float = 0.0
 
 
-# A job not started before expires_at is cancelled instead of run; a running job (orphaned
-# and reclaimed) did start, so expiry does not apply to it.
-_EXPIRED = "(status <> 'running' AND expires_at IS NOT NULL AND expires_at < now())"
+# A job not started before expires_at is cancelled instead of run. A job that started
+# (orphaned and reclaimed, a retry, a parent back to add up its children) is never
+# cancelled by it: its work is under way, and a beat entry's next slot would not finish it.
+_EXPIRED = ("(started_at IS NULL AND status <> 'running' AND expires_at IS NOT NULL "
+            "AND expires_at < now())")
 _CLAIM_SET = (
     "UPDATE job_runs SET "
     f"status = CASE WHEN {_EXPIRED} THEN 'cancelled' ELSE 'running' END, "
