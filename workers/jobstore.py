@@ -402,13 +402,16 @@ def defer(job_id: str, seconds: float) -> None:
 
 def fail_unknown_type(job_id: str, job_type: str, worker: str) -> bool:
     """A worker received a type it does not know (a rolling deploy, a removed type): the job
-    ends failed with `unknown_job_type`, retryable by an operator once a worker knows it."""
+    ends failed with `unknown_job_type`, retryable by an operator once a worker knows it.
+    Also a run of the type whose owner died (lapsed lease, re-sent by the relay): no worker
+    can take it over, and left `running` it would be re-sent for ever."""
     def once() -> bool:
         with autocommit() as conn:
             return conn.execute(
                 text("UPDATE job_runs SET status='failed', finished_at=now(), "
-                     "error_code='unknown_job_type', error_message=:m "
-                     "WHERE id=:id AND status IN ('queued', 'retrying')"),
+                     "error_code='unknown_job_type', error_message=:m, lease_expires_at=NULL "
+                     "WHERE id=:id AND (status IN ('queued', 'retrying') OR (status='running' "
+                     "AND COALESCE(lease_expires_at, '-infinity') < now()))"),
                 {"id": _uuid(job_id),
                  "m": f"worker {worker} does not know the job type {job_type!r}"},
             ).rowcount == 1
