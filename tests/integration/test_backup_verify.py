@@ -184,3 +184,27 @@ def test_the_manifest_on_disk_matches_the_row(backup_env: BackupEnv) -> None:
     row = backup_env.sql("SELECT sha256, bytes, table_counts FROM backups WHERE id = %s",
                          made["backup_id"])[0]
     assert (manifest["sha256"], manifest["bytes"], manifest["tables"]) == row
+
+
+def test_a_table_missing_from_the_archive_fails_at_its_table_of_contents(
+        backup_env: BackupEnv) -> None:
+    from tasks.backups import service
+
+    # given a backup whose manifest counts a table the archive holds no data for
+    seed_small(20)
+    made = service.create_backup()
+    backup_env.sql("UPDATE backups SET table_counts = table_counts || '{\"public.ghost\": 3}' "
+                   "WHERE id = %s", made["backup_id"])
+    # when it is verified
+    with pytest.raises(service.VerificationFailed):
+        service.verify_backup(made["backup_id"])
+    # then pg_restore --list found the archive readable but without that table, before any
+    # scratch database was made
+    row = _row(backup_env, made["backup_id"])
+    report = row["verify_report"]
+    assert isinstance(report, dict)
+    assert str(row["verify_error"]).startswith("toc: tables without data in the archive")
+    assert report["steps"]["toc"] == {"ok": False, "missing": ["public.ghost"]}
+    assert report["mismatches"] == [{"step": "toc", "table": "public.ghost"}]
+    assert "restore" not in report["steps"] and row["restore_seconds"] is None
+    assert _scratch_databases(backup_env) == []

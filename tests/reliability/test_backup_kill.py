@@ -173,3 +173,110 @@ def test_nightly_chain_create_verify_prune_through_the_worker(
     statuses = backup_env.sql("SELECT id, status FROM backups ORDER BY id")
     assert statuses == [(made[0], "pruned"), (made[1], "succeeded")]
     assert len(_final_files(backup_env.backup_dir)) == 2
+
+
+def _scratch_databases(env: BackupEnv) -> list[str]:
+    from tasks.backups.service import scratch_prefix
+
+    prefix = scratch_prefix(env.dbname)
+    return [str(r[0]) for r in env.sql(
+        "SELECT datname FROM pg_database WHERE left(datname, %s) = %s", len(prefix), prefix)]
+
+
+def _restore_process(worker: Proc, env: BackupEnv, timeout: float) -> psutil.Process:
+    """The verification's pg_restore into its scratch database, stopped (SIGSTOP) the moment
+    it is seen, so the worker is provably killed mid-restore."""
+    from tasks.backups.service import scratch_prefix
+
+    prefix = scratch_prefix(env.dbname)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(worker.popen.pid).children(recursive=True):
+            try:
+                cmd = " ".join(child.cmdline())
+                if "pg_restore" in child.name() and "--single-transaction" in cmd \
+                        and prefix in cmd:
+                    child.send_signal(signal.SIGSTOP)
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.005)
+    raise AssertionError(f"no pg_restore into a scratch database seen: {worker.tail()}")
+
+
+def test_sigkill_during_verification_leaves_no_scratch_database_nor_a_stuck_backup(
+        backup_env: BackupEnv, node: tuple[Proc, str]) -> None:
+    from tasks.backups import service
+    from tasks.backups.retention import Policy
+    from workers.db import session_scope
+
+    worker, prefix = node
+    # given a backup, and its verification running in the worker
+    seed_small(1000)
+    made = service.create_backup()
+    backup_id = int(made["backup_id"])
+    job_id = _send(backup_env, prefix, "backup.verify", {"backup_id": backup_id})
+    restoring = _restore_process(worker, backup_env, timeout=60)
+    # when the worker process running it (pg_restore's parent) is SIGKILLed mid-restore
+    runner = restoring.ppid()
+    assert "pg_restore" not in psutil.Process(runner).name()
+    os.kill(runner, signal.SIGKILL)
+    # then pg_restore dies with it, the scratch database it was filling is left behind, the
+    # backup has no verdict (neither passed nor failed), and prune keeps it meanwhile
+    deadline = time.monotonic() + 10
+    while _alive(restoring.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(restoring.pid), "pg_restore outlived its worker"
+    assert len(_scratch_databases(backup_env)) == 1
+    assert backup_env.sql("SELECT verdict FROM backups WHERE id = %s", backup_id) == [(None,)]
+    with session_scope() as s:
+        plan = service.prune_backups(s, Policy(0, 0, 0), dry_run=True)
+    assert plan["kept"] == [{"backup_id": backup_id, "reasons": ["verification running"]}]
+    # when the job is delivered again (its lease lapsed), then it verifies for real
+    done = wait_for_status(job_id, {"succeeded", "failed", "dead"}, timeout=120)
+    assert done["status"] == "succeeded", done
+    assert int(str(done["attempts"])) == 2
+    # and the leftover scratch database is gone, the verdict and restore time stored
+    assert _scratch_databases(backup_env) == []
+    [(verdict, seconds, verifying_job)] = backup_env.sql(
+        "SELECT verdict, restore_seconds, verify_job_id FROM backups WHERE id = %s", backup_id)
+    assert verdict == "passed" and isinstance(seconds, float) and verifying_job is None
+    # and nothing pins the backup any more: prune keeps it only as the newest verified
+    with session_scope() as s:
+        assert service.list_backups(s)[0]["verifying"] is False
+        plan = service.prune_backups(s, Policy(0, 0, 0), dry_run=True)
+    assert plan["kept"] == [{"backup_id": backup_id, "reasons": ["newest verified"]}]
+
+
+def test_two_backups_submitted_at_once_run_one_after_the_other(
+        backup_env: BackupEnv, node: tuple[Proc, str]) -> None:
+    _, prefix = node
+    seed_small(50)
+    # given a lock on characters that holds the first backup mid-dump
+    blocker = psycopg.connect(backup_env.database_url)
+    blocker.execute("LOCK TABLE characters IN ACCESS EXCLUSIVE MODE")
+    try:
+        # when two backup jobs are submitted at once, to a worker with two processes
+        jobs = [_send(backup_env, prefix, "backup.create", {"verify": False}) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while not backup_env.sql("SELECT 1 FROM backups WHERE dump_pid IS NOT NULL"):
+            assert time.monotonic() < deadline, "pg_dump never started"
+            time.sleep(0.1)
+        time.sleep(4)  # past a lease TTL: the second job has been delivered and turned away
+        # then one dumps and the other waits, without a backup row or a spent attempt
+        assert backup_env.sql("SELECT count(*) FROM backups") == [(1,)]
+        statuses = backup_env.sql("SELECT status, attempts FROM job_runs WHERE id = ANY(%s) "
+                                  "ORDER BY status", jobs)
+        assert [s for s, _ in statuses] == ["queued", "running"], statuses
+        assert dict(statuses)["queued"] == 0
+    finally:
+        blocker.rollback()
+        blocker.close()
+    # and once the first has finished, the second runs: two backups that never overlapped
+    finished = [wait_for_status(j, {"succeeded", "failed", "dead"}, timeout=90) for j in jobs]
+    assert [f["status"] for f in finished] == ["succeeded", "succeeded"], finished
+    assert [int(str(f["attempts"])) for f in finished] == [1, 1]
+    rows = backup_env.sql("SELECT status, started_at, finished_at FROM backups ORDER BY id")
+    assert [r[0] for r in rows] == ["succeeded", "succeeded"]
+    assert rows[1][1] >= rows[0][2]  # type: ignore[operator]
+    assert len(_final_files(backup_env.backup_dir)) == 4

@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from tasks.backups.retention import Candidate, Policy, decide
 
 FIRST_NIGHT = datetime(2026, 10, 2, 2, 30, tzinfo=UTC)  # a Friday
@@ -93,3 +95,37 @@ def test_days_are_calendar_days_of_the_configured_timezone() -> None:
     in_berlin = decide([early, late], Policy(2, 0, 0), ZoneInfo("Europe/Berlin"))
     assert in_utc.delete == (1,)
     assert in_berlin.delete == ()
+
+
+def test_the_policy_comes_from_the_settings_and_a_job_may_override_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.backups.service import policy_from_settings
+    from workers.settings import get_settings
+
+    # given WARDEN_BACKUP_KEEP_* set, the policy follows them; the defaults are 7/4/6
+    assert Policy() == Policy(7, 4, 6)
+    monkeypatch.setenv("WARDEN_BACKUP_KEEP_DAILY", "3")
+    monkeypatch.setenv("WARDEN_BACKUP_KEEP_WEEKLY", "2")
+    monkeypatch.setenv("WARDEN_BACKUP_KEEP_MONTHLY", "0")
+    get_settings.cache_clear()
+    try:
+        assert policy_from_settings() == Policy(3, 2, 0)
+        # and a prune job's params override one limit, the others still from the settings
+        assert policy_from_settings(weekly=5) == Policy(3, 5, 0)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_the_nightly_entries_run_create_then_prune_and_create_verifies() -> None:
+    from schedules import SCHEDULE
+
+    # given the beat schedule, the backup runs nightly and asks for its verification
+    entries = {e.task: e for e in SCHEDULE if e.task.startswith("backup.")}
+    assert set(entries) == {"backup.create", "backup.prune"}
+    create, prune = entries["backup.create"], entries["backup.prune"]
+    assert create.params == {"verify": True}
+    assert create.period == prune.period == 86400
+    # and prune comes later the same night (the verification of the new backup, submitted
+    # by the create job, is kept by prune while it runs)
+    assert int(create.cron["hour"]) < int(prune.cron["hour"])
