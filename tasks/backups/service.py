@@ -88,6 +88,12 @@ _TRANSIENT_TOOL_ERRORS = re.compile(
     r"could not connect|connection to server|server closed the connection|terminating "
     r"connection|lock timeout|could not obtain lock|the database system is (starting|shutting)"
     r"|invalid snapshot identifier", re.IGNORECASE)
+# pg_restore stderr that means the server could not hold the scratch copy (its disk is full):
+# the server's trouble, not the archive's, so no verdict (a failed one would take a good
+# backup out of retention). Seen: 'could not extend file "pg_tblspc/..." with
+# FileFallocate(): No space left on device'.
+_SERVER_FULL = re.compile(r"No space left on device|could not extend file|Disk quota exceeded",
+                          re.IGNORECASE)
 
 CATALOGUE = "backups"  # this family's table (models.Backup), data left out of every dump
 TABLES_SQL = (
@@ -124,7 +130,8 @@ class VerificationFailed(JobError):
 
 
 class ScratchUnavailable(JobError):
-    """The scratch database for a verification could not be made (not the backup's fault)."""
+    """The scratch database for a verification could not be made or filled (the server's
+    trouble, not the backup's: no verdict is stored)."""
 
     code = "scratch_database_unavailable"
 
@@ -654,6 +661,9 @@ def _verify_steps(row: dict[str, Any], target: Target, tools: PgTools,
         err = _tool_error("pg_restore", stderr, code)
         if isinstance(err, TransientError):
             raise err
+        if _SERVER_FULL.search(stderr):
+            raise ScratchUnavailable(f"the server could not hold the restored copy in "
+                                     f"{scratch}: {stderr[-500:]}")
         report.fail("restore", f"pg_restore exited {code}: {stderr[-500:]}", seconds=seconds)
         return
     report.restore_seconds = round(seconds, 3)

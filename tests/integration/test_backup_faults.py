@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -249,3 +251,53 @@ def test_the_dump_is_fsynced_before_its_rename_and_the_directory_after(
         ("rename", (f".{manifest.name}.partial", manifest.name)),
         ("fsync", directory),
     ]
+
+
+def test_a_server_out_of_disk_during_the_verify_restore_is_no_verdict_on_the_backup(
+        backup_env: BackupEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.backups import service
+
+    # given a good backup, and a tablespace on a filesystem that holds an empty database's
+    # files but not the restored rows (the server's disk filling up during a verification)
+    seed_small(1500)
+    made = service.create_backup()
+    [(data_dir, live_size, empty_size)] = backup_env.sql(
+        "SELECT current_setting('data_directory'), pg_database_size(current_database()), "
+        "pg_database_size('template0')")
+    owner = os.stat(str(data_dir))
+    size = int(str(empty_size)) + (int(str(live_size)) - int(str(empty_size))) // 3
+    space = f"bk_tiny_{backup_env.dbname[-10:]}"
+    # (outside pytest's 0700 tmp dir: the server's own user must reach it)
+    where = Path(tempfile.mkdtemp(prefix="warden-tiny-"))
+    where.chmod(0o755)
+    with _tmpfs(where / "space", f"{size // 4096 * 4096},uid={owner.st_uid},"
+                f"gid={owner.st_gid}") as tiny:
+        backup_env.sql(f"CREATE TABLESPACE {space} LOCATION '{tiny}'")
+        original = service.run_tool
+
+        def on_tiny_disk(argv: list[str], *args: Any, **kwargs: Any) -> Any:
+            # the scratch database, made a moment ago, is moved onto the small filesystem
+            for (name,) in backup_env.sql("SELECT datname FROM pg_database WHERE "
+                                          "left(datname, %s) = %s", len(prefix), prefix):
+                backup_env.sql(f'ALTER DATABASE "{name}" SET TABLESPACE {space}')
+            return original(argv, *args, **kwargs)
+
+        prefix = service.scratch_prefix(backup_env.dbname)
+        monkeypatch.setattr(service, "run_tool", on_tiny_disk)
+        try:
+            # when it is verified, then the restore fails on the server's full disk
+            with pytest.raises(service.ScratchUnavailable, match="No space left") as caught:
+                service.verify_backup(made["backup_id"])
+            assert caught.value.code == "scratch_database_unavailable"
+            # and the backup is not blamed: no verdict (a failed one would take it out of
+            # retention), and the scratch database is gone
+            assert backup_env.sql("SELECT verdict, verify_error FROM backups") == [
+                (None, None)]
+            assert backup_env.sql("SELECT count(*) FROM pg_database WHERE left(datname, %s) "
+                                  "= %s", len(prefix), prefix) == [(0,)]
+        finally:
+            monkeypatch.undo()
+            backup_env.sql(f"DROP TABLESPACE IF EXISTS {space}")
+    shutil.rmtree(where, ignore_errors=True)
+    # and with room again, the same backup passes
+    assert service.verify_backup(made["backup_id"])["verdict"] == "passed"
