@@ -439,25 +439,45 @@ def record_revoked(job_id: str, *, terminated: bool) -> bool:
 
 def fail_if_owner_dead(job_id: str, code: str, message: str, wait: float = 5.0) -> bool:
     """From a worker's main process after it killed a pool child (hard time limit): record
-    the outcome only once the owner is provably dead, conditional on the epoch seen."""
+    the outcome only once the owner is provably dead, conditional on the epoch seen. A
+    database error (a restart) is tried again until `wait` runs out: unrecorded, the job
+    would be sent again by the relay and run to its hard limit once more."""
     deadline = time.monotonic() + wait
     while True:
-        with session_scope() as s:
-            cur = s.execute(text("SELECT status, epoch, owner FROM job_runs WHERE id=:id"),
-                            {"id": _uuid(job_id)}).first()
-            if cur is None or cur.status != "running":
-                return False
-            if identity.holder_is_dead(cur.owner):
-                done = s.execute(
-                    text("UPDATE job_runs SET status='failed', finished_at=now(), "
-                         "error_code=:c, error_message=:m, lease_expires_at=NULL "
-                         "WHERE id=:id AND epoch=:e AND status='running' RETURNING 1"),
-                    {"id": _uuid(job_id), "e": cur.epoch, "c": code, "m": message},
-                ).first()
-                return done is not None
+        try:
+            recorded = _fail_if_owner_dead_once(job_id, code, message)
+        except RETRYABLE_DB_ERRORS as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("db.retrying", what="record-time-limit",
+                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            time.sleep(0.5)
+            continue
+        if recorded is not None:
+            return recorded
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
+
+
+def _fail_if_owner_dead_once(job_id: str, code: str, message: str) -> bool | None:
+    """True/False when decided (recorded, or not running any more); None while the owner
+    still lives."""
+    with session_scope() as s:
+        cur = s.execute(text("SELECT status, epoch, owner, error_code FROM job_runs "
+                             "WHERE id=:id"), {"id": _uuid(job_id)}).first()
+        if cur is None or cur.status != "running":
+            # (failed with our code: our UPDATE committed and its answer was lost)
+            return cur is not None and cur.status == "failed" and cur.error_code == code
+        if not identity.holder_is_dead(cur.owner):
+            return None
+        done = s.execute(
+            text("UPDATE job_runs SET status='failed', finished_at=now(), "
+                 "error_code=:c, error_message=:m, lease_expires_at=NULL "
+                 "WHERE id=:id AND epoch=:e AND status='running' RETURNING 1"),
+            {"id": _uuid(job_id), "e": cur.epoch, "c": code, "m": message},
+        ).first()
+        return done is not None
 
 
 # -- fan-out -------------------------------------------------------------------------------
