@@ -653,7 +653,10 @@ def health_chart(reports_oldest_first: Sequence[Mapping[str, Any]], *, width: in
     labels = []
     if times:
         picks = sorted({0, len(times) - 1, (len(times) - 1) // 2})
+        # The ends anchored inward, so their text stays inside the drawing.
         labels = [{"x": points[i]["x"],
+                   "anchor": "start" if i == 0 and len(times) > 1
+                   else "end" if i == len(times) - 1 and len(times) > 1 else "middle",
                    "text": reports_oldest_first[i]["created_at"].astimezone(UTC)
                    .strftime("%m-%d %H:%M")} for i in picks]
     return Chart(width, height, left, top, pw, ph, points,
