@@ -47,6 +47,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from api_stub.app import job_out
+from api_stub.schemas import JobOut
 from domain import rules
 from schedules import SCHEDULE
 from tasks.audits import service as audits
@@ -305,8 +307,8 @@ def _render(request: Request, template: str, viewer: Viewer | None, *,
 
 def _safe_next(target: str | None) -> str:
     """Only a path of this page: never another site (an open redirect)."""
-    if target and target.startswith(PATH) and not target.startswith("//") \
-            and "\\" not in target:
+    if target and (target == PATH or target.startswith((f"{PATH}/", f"{PATH}?"))) \
+            and "\\" not in target and "//" not in target:
         return target
     return f"{PATH}/jobs"
 
@@ -379,10 +381,9 @@ def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
 
 # -- jobs ------------------------------------------------------------------------------------
 
-def _job_view(row: Any) -> Any:
-    """A job as the API shows it (its children by status, what it waits on)."""
-    from api_stub.app import job_out  # the API's own view of a job, not a second one
-
+def _job_view(row: Any) -> JobOut:
+    """A job as the API shows it (its children by status, what it waits on): the API's
+    own view, not a second one."""
     return job_out(row)
 
 

@@ -273,3 +273,13 @@ def test_the_next_run_and_the_chart_are_computed_not_guessed() -> None:
     first, last = chart.points
     assert first["y"] == chart.top and last["y"] == chart.top + chart.plot_h / 2
     assert first["x"] == chart.left and last["x"] == chart.left + chart.plot_w
+
+
+def test_the_page_stays_out_of_the_api_document_and_redirects_only_to_itself(app: Any) -> None:
+    from api_stub.routes.ui import _safe_next
+
+    assert not [p for p in app.openapi()["paths"] if p.startswith("/ui")]
+    assert _safe_next("/ui/dead?type=x") == "/ui/dead?type=x"
+    for elsewhere in ("//evil.example", "https://evil.example/ui", "/ui.evil/x", "/v1/jobs",
+                      "/ui//evil.example", "/ui/\\evil", None, ""):
+        assert _safe_next(elsewhere) == "/ui/jobs", elsewhere
