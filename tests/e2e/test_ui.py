@@ -161,7 +161,7 @@ def site(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def browser(site: Site) -> Iterator[Any]:
+def browser(site: Site, request: pytest.FixtureRequest) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -173,14 +173,20 @@ def browser(site: Site) -> Iterator[Any]:
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.implicitly_wait(0)
     SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):  # this run's pages only
+        old.unlink()
     try:
         yield driver
     finally:
         driver.quit()
-        if site.shots:
-            print(f"\nscreenshots of /ui ({len(site.shots)}) in {SHOTS}:")
-            for shot in site.shots:
-                print(f"  {shot.name}")
+        # Said in the run's output even without -s (a print would be captured).
+        plugins = request.config.pluginmanager
+        reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin(
+            "capturemanager")
+        if site.shots and reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"\nscreenshots of /ui ({len(site.shots)}) in {SHOTS}: "
+                                    + ", ".join(shot.name for shot in site.shots))
 
 
 def _shot(driver: Any, site: Site, name: str) -> None:
