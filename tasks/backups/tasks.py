@@ -1,10 +1,11 @@
 """Backup tasks: create, verify and prune (thin wrappers over tasks.backups.service).
 
-The nightly chain: beat submits backup.create; the create job, once its backup row has
-committed, submits backup.verify for that backup keyed `backup-verify:<backup id>` (so the
-verification always names the backup it follows, however long the dump took, and a
-repeated create cannot queue it twice); beat submits backup.prune later in the night, which
-also submits the verification of the newest backup if that submission was lost.
+The nightly chain: beat submits backup.create; the create job queues backup.verify for its
+backup, keyed `backup-verify:<backup id>`, in the transaction that records the backup and
+the job's outcome (workers.enqueue.submit_in): the verification always names the backup it
+follows, a repeated create cannot queue it twice, and no create succeeds without it. Beat
+submits backup.prune later in the night, which also submits the verification of the newest
+backup if none is pending (a backup made outside the job system, or adopted).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from sqlalchemy.orm import Session
 
 from tasks.backups import service
 from tasks.backups.schemas import CreateBackup, PruneBackups, VerifyBackup
 from workers.app import app
 from workers.db import session_scope
+from workers.enqueue import Prepared, publish_prepared, submit_in
 from workers.jobs import JobTask
 
 log = structlog.get_logger("warden.backups")
@@ -46,14 +49,24 @@ def create(self: JobTask, params: CreateBackup) -> dict[str, Any]:
 
     Idempotency: the backup row carries the job id; a repeated run of a job whose backup
     succeeded returns that backup (no second dump), and a run that died leaves a `running`
-    row the next run marks failed with its files removed. The verification is submitted with
-    the key `backup-verify:<backup id>`.
+    row the next run marks failed with its files removed. The verification is queued in the
+    same transaction as the backup's row and the outcome, with the key
+    `backup-verify:<backup id>` (a repeated run queues nothing twice).
     """
-    result = service.create_backup(self.job_id, session=self.session, complete=self.complete,
+    queued: list[Prepared] = []
+
+    def complete(session: Session, result: dict[str, Any]) -> dict[str, Any]:
+        if params.verify:
+            queued.append(submit_in(session, "backup.verify",
+                                    {"backup_id": int(result["backup_id"])},
+                                    idempotency_key=verify_key(int(result["backup_id"])),
+                                    source="backup.create"))
+        return self.complete(session, result)
+
+    result = service.create_backup(self.job_id, session=self.session, complete=complete,
                                    check_owned=self.check_owned)
-    if params.verify:
-        # After the commit above: the verification must find the backup succeeded.
-        _submit_verify(int(result["backup_id"]), "backup.create")
+    for prepared in queued:  # committed; if this send fails, the relay sends it
+        publish_prepared(prepared)
     return result
 
 

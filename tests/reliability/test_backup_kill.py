@@ -280,3 +280,27 @@ def test_two_backups_submitted_at_once_run_one_after_the_other(
     assert [r[0] for r in rows] == ["succeeded", "succeeded"]
     assert rows[1][1] >= rows[0][2]  # type: ignore[operator]
     assert len(_final_files(backup_env.backup_dir)) == 4
+
+
+def test_the_verification_is_queued_in_the_create_jobs_own_transaction(
+        backup_env: BackupEnv, node: tuple[Proc, str]) -> None:
+    _, prefix = node
+    seed_small(30)
+    # given a backup job
+    job_id = _send(backup_env, prefix, "backup.create", {"verify": True})
+    # when it is watched closely until it has succeeded, in one snapshot each time
+    seen: list[tuple[object, ...]] = []
+    deadline = time.monotonic() + 60
+    with psycopg.connect(backup_env.database_url, autocommit=True) as conn:
+        while not seen or seen[-1][0] not in ("succeeded", "failed", "dead"):
+            assert time.monotonic() < deadline, seen[-1:]
+            row = conn.execute(
+                "SELECT j.status, EXISTS (SELECT 1 FROM backups b JOIN job_runs v "
+                "ON v.idempotency_key = 'backup-verify:' || b.id WHERE b.job_id = j.id) "
+                "FROM job_runs j WHERE j.id = %s", (job_id,)).fetchone()
+            assert row is not None
+            seen.append(tuple(row))
+            time.sleep(0.002)
+    # then the job never showed succeeded without its backup's verification queued (a
+    # worker dying between the two would leave the backup unverified until the next prune)
+    assert seen[-1] == ("succeeded", True), seen[-5:]
