@@ -71,6 +71,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 SPEND_STATES: tuple[str, ...] = ("Pending", "Approved", "Denied")
+SPEND_PENDING, SPEND_APPROVED, SPEND_DENIED = SPEND_STATES  # the flows and SQL name them
 TRAIT_TYPES: tuple[str, ...] = ("attribute", "ability", "willpower", "other")
 WEEKLY_CATEGORIES: tuple[str, ...] = ("finishing", "learning", "rp", "focus", "standingout")
 # Every claimed weekly category except finishing must name the scene it was earned in.

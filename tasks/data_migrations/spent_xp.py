@@ -69,6 +69,9 @@ def _transform_sql() -> str:
     """One statement: expand, check, insert the good records, record the bad ones."""
     kinds = _quoted(rules.TRAIT_TYPES)
     attributes, abilities = _quoted(rules.ATTRIBUTES), _quoted(rules.ABILITIES)
+    # `approved` names a state in any case, or is a boolean (true: approved, false: pending).
+    approved, pending = f"'{rules.SPEND_APPROVED}'", f"'{rules.SPEND_PENDING}'"
+    legacy_states = " ".join(f"WHEN '{s.lower()}' THEN '{s}'" for s in rules.SPEND_STATES)
     problem = f"""CASE
         WHEN jsonb_typeof(p.rec) <> 'object'
             THEN 'record is a ' || jsonb_typeof(p.rec) || ', not an object'
@@ -145,13 +148,11 @@ def _transform_sql() -> str:
                                 THEN (s.rec->>'cost')::int END AS cost,
                            CASE WHEN jsonb_typeof(s.rec) <> 'object' THEN NULL
                                 WHEN jsonb_typeof(s.rec->'approved') = 'boolean'
-                                THEN CASE WHEN (s.rec->>'approved')::boolean THEN 'Approved'
-                                          ELSE 'Pending' END
+                                THEN CASE WHEN (s.rec->>'approved')::boolean THEN {approved}
+                                          ELSE {pending} END
                                 WHEN jsonb_typeof(s.rec->'approved') = 'string'
                                 THEN CASE lower(s.rec->>'approved')
-                                          WHEN 'approved' THEN 'Approved'
-                                          WHEN 'pending' THEN 'Pending'
-                                          WHEN 'denied' THEN 'Denied' END
+                                          {legacy_states} END
                            END AS state
                     FROM (
                         SELECT c.id AS character_id, c.created_at AS character_created, e.rec,
@@ -174,7 +175,7 @@ def _transform_sql() -> str:
         INSERT INTO xp_spend_requests (character_id, trait_name, trait_type, trait_value,
                                        cost, state, created_at, decided_at, legacy_ref)
         SELECT character_id, trait_name, trait_type, trait_value, cost, state, created,
-               CASE WHEN state <> 'Pending' THEN coalesce(approved_at, created) END,
+               CASE WHEN state <> {pending} THEN coalesce(approved_at, created) END,
                legacy_ref
         FROM checked WHERE problem IS NULL
         ON CONFLICT (character_id, legacy_ref) DO NOTHING

@@ -115,11 +115,11 @@ def _xp_activity(session: Session, start: datetime) -> dict[str, Any]:
             "SELECT state, count(*) AS n FROM xp_spend_requests WHERE created_at >= :s "
             "GROUP BY state"), {"s": start}):
         states[r.state] = int(r.n)
-    approved_state, denied_state = rules.SPEND_STATES[1], rules.SPEND_STATES[2]
     row = session.execute(text(
         "SELECT count(*) FILTER (WHERE state = :a) AS approved, "
         "count(*) FILTER (WHERE state = :d) AS denied FROM xp_spend_requests "
-        "WHERE decided_at >= :s"), {"s": start, "a": approved_state, "d": denied_state}).one()
+        "WHERE decided_at >= :s"), {"s": start, "a": rules.SPEND_APPROVED,
+                                    "d": rules.SPEND_DENIED}).one()
     approved, denied = int(row.approved), int(row.denied)
     decisions = approved + denied
     return {"requests": states, "decisions": decisions, "approved": approved, "denied": denied,

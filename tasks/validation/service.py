@@ -350,7 +350,7 @@ def _cross_rows(raw: Any, ids: list[int], id_range: tuple[int | None, int | None
         args: dict[str, Any] = {"lo": lo or 0, "hi": hi}
     else:
         where, args = "character_id = ANY(%(ids)s)", {"ids": ids}
-    pending = rules.SPEND_STATES[0]
+    pending = rules.SPEND_PENDING
     with raw.cursor() as cur:
         cur.execute("SELECT character_id, sum(delta)::bigint FROM xp_ledger "
                     f"WHERE {where} GROUP BY character_id", args)

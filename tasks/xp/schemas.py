@@ -13,6 +13,11 @@ from domain import rules
 MAX_AWARDS = 1000
 
 SpendableTrait = Literal[rules.SPENDABLE_TRAITS]  # type: ignore[valid-type]
+# The new values a spend can ask for, from the rules' ranges: one dot above the lowest
+# starting value (a new ability: 0 -> 1) up to the highest top of any spendable trait.
+# service.spend checks the trait's own range.
+SPEND_VALUE_MIN = min(rules.trait_range(t).low for t in rules.SPENDABLE_TRAITS) + 1
+SPEND_VALUE_MAX = max(rules.trait_range(t).high for t in rules.SPENDABLE_TRAITS)
 
 
 class SceneAward(BaseModel):
@@ -35,9 +40,10 @@ class XpSpend(BaseModel):
 
     character_id: int = Field(ge=1)
     trait_name: SpendableTrait = Field(description="a trait column of the character")
-    trait_value: int = Field(ge=1, le=10, description="the new value: one above the current "
-                                                      "value (or above the highest pending "
-                                                      "request for the same trait)")
+    trait_value: int = Field(ge=SPEND_VALUE_MIN, le=SPEND_VALUE_MAX,
+                             description="the new value: one above the current value (or "
+                                         "above the highest pending request for the same "
+                                         "trait)")
 
 
 class SpendDecision(BaseModel):

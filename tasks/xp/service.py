@@ -172,8 +172,8 @@ def spend(session: Session, character_id: int, trait_name: str, trait_value: int
         raise InvalidRequest(f"no character {character_id}")
     pending = session.execute(
         text("SELECT max(trait_value) FROM xp_spend_requests WHERE character_id = :c "
-             "AND trait_name = :t AND state = 'Pending'"),
-        {"c": character_id, "t": trait_name},
+             "AND trait_name = :t AND state = :pending"),
+        {"c": character_id, "t": trait_name, "pending": rules.SPEND_PENDING},
     ).scalar_one()
     expected = max(int(row.current), int(pending or 0)) + 1
     rng = rules.trait_range(trait_name)
@@ -214,7 +214,7 @@ def _lock_request(session: Session, request_id: int) -> tuple[Any, int]:
              "FROM xp_spend_requests WHERE id = :id FOR NO KEY UPDATE"),
         {"id": request_id},
     ).one()
-    if request.state != "Pending":
+    if request.state != rules.SPEND_PENDING:
         raise AlreadyProcessed(f"spend request {request_id} is already {request.state}")
     return request, xp
 
@@ -228,9 +228,9 @@ def approve_spend(session: Session, request_id: int, decided_by: int, *,
     """
     request, xp = _lock_request(session, request_id)
     session.execute(
-        text("UPDATE xp_spend_requests SET state = 'Approved', decided_at = now(), "
+        text("UPDATE xp_spend_requests SET state = :state, decided_at = now(), "
              "decided_by = :by WHERE id = :id"),
-        {"by": decided_by, "id": request_id},
+        {"state": rules.SPEND_APPROVED, "by": decided_by, "id": request_id},
     )
     if request.trait_name in rules.TRAIT_RANGES:  # a column (legacy 'other' traits are not)
         column = request.trait_name  # checked against the rules' column names just above
@@ -238,7 +238,7 @@ def approve_spend(session: Session, request_id: int, decided_by: int, *,
             text(f"UPDATE characters SET {column} = GREATEST({column}, :v) WHERE id = :id"),
             {"v": request.trait_value, "id": request.character_id},
         )
-    return DecisionResult(request_id, int(request.character_id), "Approved",
+    return DecisionResult(request_id, int(request.character_id), rules.SPEND_APPROVED,
                           str(request.trait_name), int(request.trait_value), 0, xp)
 
 
@@ -247,9 +247,9 @@ def deny_spend(session: Session, request_id: int, decided_by: int, *,
     """Mark a Pending request Denied and refund its cost (a ledger refund row)."""
     request, _ = _lock_request(session, request_id)
     session.execute(
-        text("UPDATE xp_spend_requests SET state = 'Denied', decided_at = now(), "
+        text("UPDATE xp_spend_requests SET state = :state, decided_at = now(), "
              "decided_by = :by WHERE id = :id"),
-        {"by": decided_by, "id": request_id},
+        {"state": rules.SPEND_DENIED, "by": decided_by, "id": request_id},
     )
     cost = int(request.cost)
     xp = int(session.execute(
@@ -259,7 +259,7 @@ def deny_spend(session: Session, request_id: int, decided_by: int, *,
     _ledger(session, [{"character_id": int(request.character_id), "delta": cost,
                        "kind": "refund", "reason": "spend request denied",
                        "spend_request_id": request_id, "job_id": _job(job_id)}])
-    return DecisionResult(request_id, int(request.character_id), "Denied",
+    return DecisionResult(request_id, int(request.character_id), rules.SPEND_DENIED,
                           str(request.trait_name), int(request.trait_value), cost, xp)
 
 
