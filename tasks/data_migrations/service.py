@@ -260,8 +260,11 @@ def pause(session: Session, name: str, *, actor: str, reason: str) -> dict[str, 
     if row["status"] not in ("queued", "running"):
         raise MigrationConflict(f"{name} is {row['status']}; only a queued or running "
                                 "migration can be paused")
+    # changed_at is the moment of the change (after the state lock), not now(): this
+    # transaction may have begun before a handover queued a successor, and a decision dated
+    # before that successor would be undone by it (_claim: the latest decision wins).
     session.execute(
-        text("UPDATE data_migrations SET status = 'paused', changed_at = now(), "
+        text("UPDATE data_migrations SET status = 'paused', changed_at = clock_timestamp(), "
              "updated_at = now() WHERE name = :n"), {"n": name})
     session.execute(
         text("INSERT INTO data_migration_pauses (migration, kind, reason, actor, job_id) "
@@ -298,7 +301,8 @@ def cancel(session: Session, name: str, *, actor: str, reason: str) -> dict[str,
         raise MigrationConflict(f"{name} is {row['status']}; nothing to cancel")
     paused = _close_open_pauses(session, name, "operator")
     session.execute(
-        text("UPDATE data_migrations SET status = 'cancelled', changed_at = now(), "
+        text("UPDATE data_migrations SET status = 'cancelled', "
+             "changed_at = clock_timestamp(), "
              "updated_at = now(), finished_at = now(), seconds_paused = seconds_paused + :p "
              "WHERE name = :n"),
         {"n": name, "p": paused},
@@ -390,9 +394,12 @@ class Hooks:
     progress: Callable[..., None] = _no_progress
     check_owned: Callable[[], None] = _pass
     job_id: str | None = None
-    # submit(params, idempotency_key, countdown) -> job id: hand the migration over to a
-    # fresh job after WARDEN_MIGRATION_RUN_SECONDS. None: one run does it all.
-    submit: Callable[[dict[str, Any], str, float], str] | None = None
+    # submit(session, params, idempotency_key, countdown) -> (job id, publish): queue the
+    # successor in the given transaction (successor_in) to hand the migration over to a
+    # fresh job after WARDEN_MIGRATION_RUN_SECONDS; publish() sends it once that committed.
+    # None: one run does it all.
+    submit: Callable[[Session, dict[str, Any], str, float],
+                     tuple[str, Callable[[], object]]] | None = None
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
 
@@ -822,30 +829,43 @@ class _Runner:
     def _hand_over(self, countdown: float) -> None:
         """The checkpoint is committed: enqueue the next run and end this job.
 
+        Why one transaction under the state row's lock: an operator's pause or cancel either
+        commits first (this run no longer owns the migration: no successor at all) or after
+        (it stops the successor, asked for before it). A successor queued outside that lock
+        could be created just after a cancel, and start a new pass of a cancelled migration.
         The key names this job and its checkpoint: a redelivery of this job that hands over
-        at the same point enqueues the same successor, and no other run can collide.
+        at the same point finds the same successor, and no other run can collide.
         """
-        assert self.hooks.submit is not None
-        row = self._txn(lambda s: state(s, self.m.name), fenced=False)
-        params: dict[str, Any] = {"name": self.m.name}
-        if self.fixed:
-            params["batch_size"] = self.size
-        key = f"migration.run:{self.m.name}:after:{self.hooks.job_id}:b{row['batches_done']}"
-        successor = self.hooks.submit(params, key, countdown)
+        submit = self.hooks.submit
+        assert submit is not None
+        publish: Callable[[], object] | None = None
 
         def hand(s: Session) -> None:
-            if self._owned_state(s) is None:
+            nonlocal publish
+            row = self._owned_state(s)
+            if row is None:
                 return
+            params: dict[str, Any] = {"name": self.m.name}
+            if self.fixed:
+                params["batch_size"] = self.size
+            key = (f"migration.run:{self.m.name}:after:{self.hooks.job_id}"
+                   f":b{row['batches_done']}")
+            successor, publish = submit(s, params, key, countdown)
             s.execute(text(
-                "UPDATE data_migrations SET status = 'queued', job_id = :j, changed_at = now(), "
-                "updated_at = now() WHERE name = :n"
+                "UPDATE data_migrations SET status = 'queued', job_id = :j, "
+                "changed_at = clock_timestamp(), updated_at = now() WHERE name = :n"
             ), {"j": _uuid(successor), "n": self.m.name})
             log.info("migration.handed_over", migration=self.m.name, successor=successor)
             self._end(s, {"name": self.m.name, "status": "handed_over",
                           "successor": successor, "rows": self.totals["rows"],
                           "batches": self.totals["batches"]})
 
-        self._txn(hand)
+        try:
+            self._txn(hand)
+        except _Stop:
+            if publish is not None:  # committed: send it (if this fails, the relay does)
+                publish()
+            raise
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -939,3 +959,20 @@ def reverse(name: str, *, actor: str, reason: str, hooks: Hooks | None = None) -
         cursor = batch.upper
         batches_undone += 1
         hooks.progress(batches_undone, None, deleted=deleted)
+
+
+def successor_in(session: Session, params: dict[str, Any], key: str,
+                 countdown: float) -> tuple[str, Callable[[], object]]:
+    """Queue the next `migration.run` in the caller's (the handover's) transaction: its id,
+    and the publish to call once that transaction committed (else the relay sends it).
+    A key already used (a redelivered run handing over at the same checkpoint) returns
+    that job and publishes nothing."""
+    from workers import enqueue
+
+    prepared = enqueue.prepare("migration.run", params, idempotency_key=key,
+                               countdown=countdown or None, source="migration")
+    conn = session.connection()
+    if conn.exec_driver_sql(enqueue.INSERT_JOB, prepared.row_params).first() is None:
+        found = conn.exec_driver_sql(enqueue.SELECT_BY_KEY, {"k": key}).mappings().one()
+        return str(found["id"]), lambda: None
+    return str(prepared.row_params["id"]), lambda: enqueue.publish_prepared(prepared)

@@ -18,16 +18,10 @@ log = structlog.get_logger("warden.data_migrations")
 
 def _hooks(task: JobTask) -> service.Hooks:
     """The runner's transactions are the job's fenced ones: a run that lost its job
-    commits no batch; the last one also records the job's outcome (complete)."""
-
-    def successor(params: dict[str, Any], key: str, countdown: float) -> str:
-        sub = submit("migration.run", params, idempotency_key=key,
-                     countdown=countdown or None, source="migration")
-        return str(sub.job["id"])
-
+    commits no batch, nor a successor; the last one also records the job's outcome."""
     return service.Hooks(session=task.session, complete=task.complete,
                          progress=task.progress, check_owned=task.check_owned,
-                         job_id=task.job_id, submit=successor)
+                         job_id=task.job_id, submit=service.successor_in)
 
 
 @app.task(name="migration.run", base=JobTask, params=MigrationRun, bind=True)

@@ -6,6 +6,7 @@ table, and throttling with a real open transaction: no mocks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
 from tasks.data_migrations import opening_balances, service, spent_xp
 from tests.conftest import Services, fresh_database
@@ -425,3 +427,198 @@ def test_the_hourly_sweep_retries_a_failed_migration_only_while_attempts_last(
         assert service.due_for_retry(s) == []
         # an operator may still retry it: the budget bounds the automatic retries only
         assert service.retry(s, LEGACY, actor="test").name == LEGACY
+
+
+def _flaky(db: psycopg.Connection, character_id: int, times: int | None) -> None:
+    """Inserts for `character_id` fail with a serialization failure (transient) the first
+    `times` tries (None: always). A sequence counts the tries: it is not rolled back."""
+    db.execute("DROP SEQUENCE IF EXISTS test_flaky")
+    db.execute("CREATE SEQUENCE test_flaky")
+    limit = "true" if times is None else f"nextval('test_flaky') <= {times}"
+    db.execute(
+        "CREATE OR REPLACE FUNCTION test_inject() RETURNS trigger AS $$ BEGIN "
+        f"IF NEW.character_id = {character_id} AND {limit} THEN RAISE EXCEPTION "
+        "'could not serialize access (injected)' USING ERRCODE = 'serialization_failure'; "
+        "END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+    db.execute("DROP TRIGGER IF EXISTS test_inject ON xp_spend_requests")
+    db.execute("CREATE TRIGGER test_inject BEFORE INSERT ON xp_spend_requests "
+               "FOR EACH ROW EXECUTE FUNCTION test_inject()")
+
+
+def test_a_transient_error_retries_the_batch_with_backoff_then_fails_past_its_budget(
+        mdb: psycopg.Connection, setting: Callable[[str, str], None]) -> None:
+    # given 10 characters in batches of 5, the 7th failing transiently twice
+    ids = _legacy(mdb, 10)
+    _flaky(mdb, ids[6], 2)
+    waits: list[float] = []
+    # when the migration runs
+    result = service.run(LEGACY, batch_size=5, hooks=service.Hooks(sleep=waits.append))
+    # then the batch was tried three times, after growing backoffs, and the migration
+    # succeeded on its first attempt: a transient error is no failure
+    assert (result["status"], result["attempts"], result["rows"]) == ("succeeded", 1, 10)
+    assert len(waits) == 2 and 0 < waits[0] <= waits[1]
+    assert [(b["status"], b["attempts"]) for b in _batches(LEGACY)] == [
+        ("succeeded", 1), ("succeeded", 3)]
+    assert len(_requests(mdb)) == 20
+    # given a budget of two tries per batch, and a transient error that does not go away
+    setting("WARDEN_MIGRATION_BATCH_ATTEMPTS", "2")
+    mdb.execute("DELETE FROM xp_spend_requests")
+    _flaky(mdb, ids[6], None)
+    # when a new pass runs, then past the budget the migration is failed, saying why
+    with pytest.raises(service.MigrationFailed, match="try 2"):
+        service.run(LEGACY, batch_size=5, hooks=service.Hooks(sleep=waits.append))
+    failed = _state(LEGACY)
+    assert failed["status"] == "failed" and "could not serialize" in failed["last_error"]
+    assert [(b["status"], b["attempts"]) for b in _batches(LEGACY) if b["run_no"] == 2] == [
+        ("succeeded", 1), ("failed", 2)]
+
+
+def test_lock_waits_on_the_target_table_throttle_the_run(
+        mdb: psycopg.Connection, setting: Callable[[str, str], None]) -> None:
+    # given legacy characters, and two sessions queued behind a row lock on characters
+    # (a character without legacy data: the migration itself does not need that row)
+    _legacy(mdb, 6)
+    row = mdb.execute("INSERT INTO characters (name, owner_id, chronicle_id) "
+                      "VALUES ('busy', 1, 1) RETURNING id").fetchone()
+    assert row is not None
+    setting("WARDEN_MIGRATION_MAX_LOCK_WAITS", "1")
+    dsn = get_settings().libpq_dsn()
+    with psycopg.connect(dsn) as holder:
+        holder.execute("SELECT 1 FROM characters WHERE id = %s FOR UPDATE", row)
+        waiters = [threading.Thread(target=_update_with_new_connection, args=(dsn, row[0]))
+                   for _ in range(2)]
+        for w in waiters:
+            w.start()
+        deadline = time.monotonic() + 10
+        while mdb.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                          "'Lock'").fetchone() != (2,):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # when the migration runs, and the lock is released 1.5 s later
+        out: dict[str, Any] = {}
+        runner = threading.Thread(target=lambda: out.update(service.run(LEGACY)))
+        runner.start()
+        time.sleep(1.5)
+        assert runner.is_alive() and _requests(mdb) == []  # waiting, not migrating
+        holder.commit()
+    runner.join(30)
+    for w in waiters:
+        w.join(10)
+    # then it waited for the queue to drain, recorded why and how long, and completed
+    assert out["status"] == "succeeded"
+    with session_scope() as s:
+        pauses = service.pauses(s, LEGACY)
+    assert [p["kind"] for p in pauses] == ["throttle"]
+    assert pauses[0]["reason"] == ("lock_waits: 2 sessions waiting for locks on characters "
+                                   "(limit 1)")
+    assert pauses[0]["seconds"] >= 1.0
+
+
+def _update_with_new_connection(dsn: str, character_id: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE characters SET name = 'waited' WHERE id = %s", (character_id,))
+
+
+def test_health_checks_are_pluggable(mdb: psycopg.Connection,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # given the migration with a health check of its own that says "wait" twice
+    from tasks.data_migrations import registry
+
+    class Window:
+        name = "maintenance_window"
+        asked = 0
+
+        def __call__(self, session: Any, table: str) -> str | None:
+            self.asked += 1
+            return f"{table} is being repacked" if self.asked <= 2 else None
+
+    window = Window()
+    monkeypatch.setitem(registry._REGISTRY, LEGACY, dataclasses.replace(
+        registry.get(LEGACY), health_checks=(window,)))
+    _legacy(mdb, 3)
+    # when it runs, then that check paused it, recorded with its reason, and it completed
+    result = service.run(LEGACY, hooks=service.Hooks(sleep=lambda _: None))
+    assert result["status"] == "succeeded" and window.asked >= 3
+    with session_scope() as s:
+        pauses = service.pauses(s, LEGACY)
+    assert [(p["kind"], p["reason"]) for p in pauses] == [
+        ("throttle", "maintenance_window: characters is being repacked")]
+
+
+def test_the_batch_size_adapts_to_the_time_budget_within_bounds(
+        mdb: psycopg.Connection, setting: Callable[[str, str], None]) -> None:
+    # given 60 legacy characters, batches starting at 4 and bounded to 2..12 characters
+    ids = _legacy(mdb, 60)
+    setting("WARDEN_MIGRATION_BATCH_INITIAL", "4")
+    setting("WARDEN_MIGRATION_BATCH_MIN", "2")
+    setting("WARDEN_MIGRATION_BATCH_MAX", "12")
+    # when fast batches run (well inside the 1 s budget), then each grows by 1.5x to the top
+    service.run(LEGACY)
+    assert [b["size"] for b in _batches(LEGACY)] == [4, 6, 9, 12, 12, 12, 5]
+    # when a new pass meets slow rows (30 ms each, 2 per character) for its first 18
+    # characters under a 0.2 s budget, then each batch over it halves the next one
+    setting("WARDEN_MIGRATION_BATCH_SECONDS", "0.2")
+    _inject(mdb, f"IF NEW.character_id <= {ids[17]} THEN PERFORM pg_sleep(0.03); END IF;")
+    result = service.run(LEGACY)
+    sizes = [b["size"] for b in _batches(LEGACY) if b["run_no"] == 2]
+    assert sizes[:3] == [12, 6, 3]
+    assert max(sizes[3:]) > 3 and sum(sizes) == 60  # and it grows again once rows are fast
+    assert result["status"] == "succeeded"
+
+
+def test_a_pause_or_cancel_racing_a_handover_is_never_undone_by_the_successor(
+        mdb: psycopg.Connection) -> None:
+    from workers.db import get_sessionmaker
+
+    _legacy(mdb, 12)
+    successors: list[str] = []
+
+    def submit(s: Any, params: dict[str, Any], key: str, countdown: float) -> tuple[str, Any]:
+        job_id, _ = service.successor_in(s, params, key, countdown)
+        successors.append(job_id)
+        return job_id, lambda: None  # no broker here: the test runs the successor itself
+
+    def job() -> str:
+        with session_scope() as s:
+            return service.successor_in(s, {"name": LEGACY}, f"test-{time.time_ns()}", 0)[0]
+
+    def hooks(job_id: str, on_batch: Callable[[], None]) -> service.Hooks:
+        """A run whose time slice is over after each batch (the clock jumps), calling
+        `on_batch` between the batch's commit and the handover."""
+        now = [0.0]
+
+        def progress(*_: Any, **__: Any) -> None:
+            now[0] += 10_000.0
+            on_batch()
+
+        return service.Hooks(job_id=job_id, progress=progress, clock=lambda: now[0],
+                             submit=submit, sleep=lambda _: None)
+
+    def cancel() -> None:
+        with session_scope() as s:
+            service.cancel(s, LEGACY, actor="test", reason="cancel before the handover")
+
+    # given a run whose first batch is followed by an operator's cancel, then its handover
+    first = service.run(LEGACY, batch_size=4, hooks=hooks(job(), cancel))
+    # then the run ends cancelled and queues no successor that could start a new pass
+    assert first["status"] == "cancelled" and successors == []
+    assert (_state(LEGACY)["status"], len(_requests(mdb))) == ("cancelled", 8)
+    # given a new pass, and a pause whose transaction began before the handover and waits
+    # for the state lock until after it (as an operator's request arriving mid-handover)
+    pausing = get_sessionmaker()()
+    began: list[bool] = []
+
+    def begin_pause() -> None:
+        if not began:
+            pausing.execute(text("SELECT 1"))  # its transaction, and its now(), start here
+            began.append(True)
+
+    handed = service.run(LEGACY, batch_size=4, hooks=hooks(job(), begin_pause))
+    assert handed["status"] == "handed_over" and successors == [handed["successor"]]
+    service.pause(pausing, LEGACY, actor="test", reason="pause during the handover")
+    pausing.commit()
+    pausing.close()
+    # when the successor runs, then it sees the pause as the later decision: it stops
+    after = service.run(LEGACY, hooks=service.Hooks(job_id=successors[0]))
+    assert (after["status"], after.get("skipped")) == ("paused", True)
+    assert _state(LEGACY)["status"] == "paused"

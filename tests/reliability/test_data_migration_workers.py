@@ -270,3 +270,56 @@ def test_a_long_run_hands_over_to_fresh_jobs_and_the_bar_follows(st: Stage) -> N
     assert runs.count(("handed_over",)) >= 1 and runs[-1] == ("succeeded",)
     _contiguous(st.batches())
     assert len(_requests(st.db)) == 200
+
+
+def test_pause_resume_and_cancel_by_cli_and_api(st: Stage) -> None:
+    admin = {"Authorization": f"Bearer {st.admin}"}
+
+    def ended(expected: str) -> dict[str, Any]:
+        """The migration's last run ended `expected` (handovers followed), its state too."""
+        deadline = time.monotonic() + 60
+        while True:
+            state = st.state()
+            job = st.job(state["job_id"])
+            if job[0] in ("succeeded", "failed", "dead", "cancelled"):
+                break
+            assert time.monotonic() < deadline, (state, job)
+            time.sleep(0.2)
+        assert (job[0], job[3]["status"], state["status"]) == ("succeeded", expected, expected)
+        return state
+
+    # given a slow migration (20 ms a row) of 300 characters, started detached
+    ids = _legacy(st.db, 300)
+    _inject(st.db, "PERFORM pg_sleep(0.02);")
+    assert st.cli("migrate", "data", LEGACY, "--batch-size", "4", "--detach").returncode == 0
+    st.wait_batches(2)
+    # when an operator pauses it from the CLI, then its run ends paused
+    out = st.cli("migrate", "pause", LEGACY, "--reason", "peak hours")
+    assert out.returncode == 0 and f"{LEGACY} paused at" in out.stdout, out.stderr
+    paused = ended("paused")
+    # when it is resumed over the API, then a new run goes on from the cursor
+    r = httpx.post(f"{st.api}/v1/migrations/{LEGACY}/resume", json={}, headers=admin,
+                   timeout=10)
+    assert r.status_code == 200, r.text
+    st.wait_batches(paused["batches_done"] + 2)
+    # when it is cancelled over the API, then the run ends cancelled; done batches stay
+    r = httpx.post(f"{st.api}/v1/migrations/{LEGACY}/cancel", json={"reason": "wrong night"},
+                   headers=admin, timeout=10)
+    assert r.status_code == 200, r.text
+    cancelled = ended("cancelled")
+    assert paused["cursor"] < cancelled["cursor"] < ids[-1]
+    assert {r[0] for r in _requests(st.db)} == {i for i in ids if i <= cancelled["cursor"]}
+    _contiguous(st.batches())
+    # when it is started again (a new pass) and cancelled from the CLI, then it stops too
+    assert st.cli("migrate", "data", LEGACY, "--detach").returncode == 0
+    st.wait_state({"running"})
+    out = st.cli("migrate", "cancel", LEGACY, "--reason", "still the wrong night")
+    assert out.returncode == 0 and f"{LEGACY} cancelled" in out.stdout, out.stderr
+    assert ended("cancelled")["run_no"] == 2
+    # and a cancelled migration cannot be paused; a last pass, unhindered, completes
+    refused = st.cli("migrate", "pause", LEGACY, "--reason", "x")
+    assert refused.returncode == 1 and "only a queued or running" in refused.stderr
+    st.db.execute("DROP TRIGGER test_inject ON xp_spend_requests")
+    done = st.cli("migrate", "data", LEGACY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (st.state()["run_no"], len(_requests(st.db))) == (3, 600)
