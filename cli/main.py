@@ -220,12 +220,17 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
 @cli.command()
 @click.option("--status", default=None)
 @click.option("--type", "job_type", default=None)
+@click.option("--parent", "parent", default=None, help="only the children of this job")
 @click.option("--limit", default=20, show_default=True)
-def jobs(status: str | None, job_type: str | None, limit: int) -> None:
-    """The newest jobs, one line each."""
+def jobs(status: str | None, job_type: str | None, parent: str | None, limit: int) -> None:
+    """The newest jobs (or a fanned-out job's children), one line each."""
+    import uuid
+
     from workers import jobstore
 
-    for r in jobstore.list_jobs(status=status, job_type=job_type, limit=limit):
+    parent_id = uuid.UUID(_job_uuid(parent)) if parent is not None else None
+    for r in jobstore.list_jobs(status=status, job_type=job_type, parent_id=parent_id,
+                                limit=limit):
         click.echo(f"{r['id']}  {r['status']:<9}  {r['type']:<28} attempts={r['attempts']}  "
                    f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {r['error_code'] or ''}".rstrip())
 

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy.exc
+from sqlalchemy import text
 
 from tasks.audits import service
 from tests.conftest import Services
@@ -342,6 +343,46 @@ def test_rows_changed_by_a_concurrent_writer_are_rechecked_not_overwritten(
     assert outcomes == {(a, -5): "resolved_meanwhile", (b, 12): "gone", (c, 13): "fixed"}
     assert run["totals"]["negative_xp"]["resolved_meanwhile"] == 1
     assert run["remaining"] == 0
+
+
+def test_each_table_is_read_once_whatever_the_number_of_rules(
+        conn: psycopg.Connection[Any]) -> None:
+    # given violations of all eight checks (~40 rules over three tables)
+    _seed_eight(conn)
+    # when the audit runs in check mode, and the transaction's own table statistics are read
+    with session_scope() as s:
+        run = service.run_audit(s)
+        scans = {r.relname: (r.seq_scan, r.idx_scan) for r in s.execute(text(
+            "SELECT relname, seq_scan, coalesce(idx_scan, 0) AS idx_scan "
+            "FROM pg_stat_xact_user_tables "
+            "WHERE relname IN ('characters', 'scenes', 'st_relationships')"))}
+    # then each table was scanned exactly once: set-based, not one query per check or column
+    assert run["findings"] == 15
+    assert {t: seq + idx for t, (seq, idx) in scans.items()} == {
+        "characters": 1, "scenes": 1, "st_relationships": 1}
+
+
+def test_the_fix_locks_rows_in_id_order(conn: psycopg.Connection[Any], iso: Isolated) -> None:
+    # given three broken characters, and a writer holding the middle one's row lock
+    with constraints_off(conn):
+        low, middle, high = (add_character(conn, xp=-1) for _ in range(3))
+    with iso.connect() as writer, iso.connect() as probe:
+        writer.execute("BEGIN")
+        writer.execute("SELECT 1 FROM characters WHERE id = %s FOR UPDATE", (middle,))
+        # when the fix runs and waits for that lock
+        box: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: box.update(run=_audit(fix=True)))
+        thread.start()
+        _wait_for_lock_wait(conn)
+        # then it already holds the lower id's lock and not yet the higher's: ascending order
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            probe.execute("SELECT 1 FROM characters WHERE id = %s FOR UPDATE NOWAIT", (low,))
+        probe.execute("SELECT 1 FROM characters WHERE id = %s FOR UPDATE NOWAIT", (high,))
+        writer.execute("COMMIT")
+    thread.join(30)
+    # and once the writer is gone it fixes all three
+    assert box["run"]["fixed"] == 3
+    assert {r["xp"] for r in character_rows(conn).values()} == {0}
 
 
 def test_a_subset_of_checks_fixes_only_rows_it_can_fix_alone(

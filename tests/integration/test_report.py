@@ -106,9 +106,16 @@ def test_activity_outside_the_period_counts_for_nothing(conn: psycopg.Connection
     day = _report(24)
     assert _score(day) == (100, "healthy", 0, 0, 0)
     assert day["checks"]["xp_activity"]["decisions"] == 0
-    assert day["checks"]["scene_xp_awards"]["awaiting"] == 0
+    assert day["checks"]["xp_activity"]["requests"] == {"Pending": 0, "Approved": 0,
+                                                        "Denied": 0}
+    assert day["checks"]["scene_xp_awards"] == {"finished": 0, "awarded": 0, "awaiting": 0,
+                                                "penalty": 0}
     # and a week-long report sees both: 100 - 10 - 10
-    assert _score(_report(24 * 7)) == (80, "degraded", 0, 10, 10)
+    week = _report(24 * 7)
+    assert _score(week) == (80, "degraded", 0, 10, 10)
+    assert week["checks"]["xp_activity"]["requests"] == {"Pending": 0, "Approved": 0,
+                                                         "Denied": 5}
+    assert week["checks"]["scene_xp_awards"]["finished"] == 15
 
 
 @pytest.mark.parametrize(("findings", "expected"), [

@@ -8,7 +8,9 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 
+from domain import rules
 from tests.conftest import Proc, Services, start_worker
 from tests.integration.test_audit_helpers import (
     Isolated,
@@ -20,6 +22,8 @@ from tests.integration.test_audit_helpers import (
 
 pytestmark = pytest.mark.slow
 
+CACHE_TTL = 1234  # WARDEN_VALIDATION_CACHE_TTL of this module's worker (default 3600)
+
 
 @pytest.fixture(scope="module")
 def iso(services: Services) -> Iterator[Isolated]:
@@ -29,12 +33,13 @@ def iso(services: Services) -> Iterator[Isolated]:
 
 @pytest.fixture(scope="module")
 def node(services: Services, iso: Isolated) -> Iterator[Proc]:
-    proc = start_worker(services, "validate", env=iso.overrides())
+    proc = start_worker(services, "validate",
+                        env=iso.overrides(WARDEN_VALIDATION_CACHE_TTL=str(CACHE_TTL)))
     yield proc
     proc.stop()
 
 
-def test_validate_and_issues(iso: Isolated, node: Proc) -> None:
+def test_validate_and_issues(iso: Isolated, node: Proc, rds: redis.Redis) -> None:
     conn: psycopg.Connection[Any]
     with iso.connect() as conn:
         # given one character with a broken attribute and one with an unknown age rule hit
@@ -52,6 +57,10 @@ def test_validate_and_issues(iso: Isolated, node: Proc) -> None:
     inc = warden(iso, "validate", "--incremental")
     assert inc.returncode == 0, inc.stderr
     assert "candidates=3 cache_hits=3 validated=0" in inc.stdout
+    # the cached verdicts live WARDEN_VALIDATION_CACHE_TTL seconds, under the rules' version
+    cached = list(rds.scan_iter(f"{iso.prefix}warden:validation:{rules.rules_version()}:*"))
+    assert len(cached) == 3
+    assert all(CACHE_TTL - 120 < rds.ttl(k) <= CACHE_TTL for k in cached)
     # named characters: only the warning one -> exit 0 (warnings are not errors)
     named = warden(iso, "validate", "--character", str(aged))
     assert named.returncode == 0 and "validated=1" in named.stdout

@@ -103,3 +103,44 @@ def test_a_killed_chunk_worker_changes_nothing_in_the_parent_s_totals(
             assert sweep[2]["validated"] == CHARACTERS
         finally:
             worker.stop()
+
+
+def test_chunks_that_hit_a_transient_error_retry_on_their_own(services: Services) -> None:
+    with isolated(services) as iso, iso.connect() as conn:
+        # given 600 characters, a worker cutting sweeps in chunks of 100, and the totals of
+        # a full sweep without faults
+        demo.seed(CHARACTERS, violations=0.05, rng_seed=11)
+        worker = start_worker(services, "flaky", concurrency=2,
+                              env=iso.overrides(WARDEN_VALIDATION_CHUNK_SIZE=str(CHUNK)))
+        try:
+            clean = wait_for_status(_enqueue(iso, "-p", "mode=full"),
+                                    {"succeeded", "failed", "dead"}, timeout=120)
+            assert clean["status"] == "succeeded", clean
+            # when the first two chunks of the next sweep to store issues fail with a
+            # serialization failure (a sequence counts them: it is not rolled back)
+            conn.execute("CREATE SEQUENCE test_flaky_chunks")
+            conn.execute(
+                "CREATE FUNCTION test_flaky_chunks() RETURNS trigger AS $$ BEGIN "
+                "IF nextval('test_flaky_chunks') <= 2 THEN RAISE EXCEPTION 'could not "
+                "serialize access (injected)' USING ERRCODE = 'serialization_failure'; "
+                "END IF; RETURN NULL; END $$ LANGUAGE plpgsql")
+            conn.execute("CREATE TRIGGER test_flaky_chunks BEFORE INSERT ON validation_issues "
+                         "FOR EACH STATEMENT EXECUTE FUNCTION test_flaky_chunks()")
+            parent = _enqueue(iso, "-p", "mode=full")
+            done = wait_for_status(parent, {"succeeded", "failed", "dead"}, timeout=180)
+            # then those two chunks were retried on their own, the others ran once, and the
+            # parent's totals equal the fault-free sweep's
+            assert done["status"] == "succeeded", done
+            assert _stable(done["result"]["totals"]) == _stable(clean["result"]["totals"])
+            attempts = sorted(c["attempts"] for c in done["result"]["children"])
+            assert attempts == [1] * (CHARACTERS // CHUNK - 2) + [2, 2]
+            assert {c["status"] for c in done["result"]["children"]} == {"succeeded"}
+            # and the CLI lists the parent's children, with their attempts
+            listed = warden(iso, "jobs", "--parent", parent)
+            assert listed.returncode == 0, listed.stderr
+            lines = listed.stdout.splitlines()
+            assert sorted(line.split()[0] for line in lines) == sorted(
+                c["id"] for c in done["result"]["children"])
+            assert sum("attempts=2" in line for line in lines) == 2
+        finally:
+            worker.stop()

@@ -258,3 +258,60 @@ def test_a_redelivered_award_job_is_not_run_twice(services: Services, db: psycop
     again = _wait_all(db, [job], timeout=60)[job]
     assert (again[2], again[4]) == ("succeeded", 1)
     assert _balances(db, chars) == {c: (1, 1) for c in chars}
+
+
+def _blocked_by(db: psycopg.Connection, pid: int, timeout: float = 30) -> None:
+    """Until some backend waits for a lock `pid` holds."""
+    deadline = time.monotonic() + timeout
+    while not db.execute("SELECT count(*) FROM pg_stat_activity "
+                         "WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)).fetchone()[0]:
+        assert time.monotonic() < deadline, "the job never waited for the test's lock"
+        time.sleep(0.05)
+
+
+def test_a_deadlock_or_a_serialization_failure_is_retried_never_a_failed_job(
+        services: Services, db: psycopg.Connection, worker: Proc) -> None:
+    # given a scene with one participant, and a session of the test holding that
+    # character's row lock (its deadlock check waits 10 s: the job's fires first)
+    [cid] = _characters(db, 1, 20)
+    [scene] = _scenes(db, [[cid]])
+    deadlocks = _deadlocks(db)
+    with psycopg.connect(services.database_url) as other:
+        other.execute("SET deadlock_timeout = '10s'")
+        other.execute("SELECT 1 FROM characters WHERE id = %s FOR UPDATE", (cid,))
+        # when the award job locks the scene and waits for the character, and the test's
+        # session then asks for the scene: a real deadlock, which Postgres breaks by
+        # aborting the job's transaction
+        award = str(submit("xp.award_scene", {"scene_id": scene, "awards": {str(cid): True}},
+                           source="test").job["id"])
+        _blocked_by(db, other.info.backend_pid)
+        other.execute("SELECT 1 FROM scenes WHERE id = %s FOR UPDATE", (scene,))
+        other.rollback()
+    # and a spend whose insert fails once with a serialization failure (a trigger; the
+    # sequence counting the tries is not rolled back)
+    db.execute("CREATE SEQUENCE IF NOT EXISTS test_serial_once")
+    db.execute("CREATE OR REPLACE FUNCTION test_serial_once() RETURNS trigger AS $$ BEGIN "
+               f"IF NEW.character_id = {cid} AND nextval('test_serial_once') = 1 THEN "
+               "RAISE EXCEPTION 'could not serialize access (injected)' USING ERRCODE = "
+               "'serialization_failure'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+    db.execute("CREATE TRIGGER test_serial_once BEFORE INSERT ON xp_spend_requests "
+               "FOR EACH ROW EXECUTE FUNCTION test_serial_once()")
+    try:
+        spend = str(submit("xp.spend", {"character_id": cid, "trait_name": "strength",
+                                        "trait_value": 2}, source="test").job["id"])
+        done = _wait_all(db, [award, spend], timeout=60)
+    finally:
+        db.execute("DROP TRIGGER test_serial_once ON xp_spend_requests")
+        db.execute("DROP SEQUENCE test_serial_once")
+    # then both jobs were retried by the core and succeeded on their second attempt
+    assert [(done[j][2], done[j][3], done[j][4]) for j in (award, spend)] == [
+        ("succeeded", None, 2), ("succeeded", None, 2)]
+    # and Postgres counted the deadlock (a backend flushes its statistics when idle, within
+    # its 10 s idle interval)
+    deadline = time.monotonic() + 20
+    while _deadlocks(db) == deadlocks and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _deadlocks(db) == deadlocks + 1
+    # and the XP moved once each way: +1 for the scene, -4 for strength 2, all in the ledger
+    assert _balances(db, [cid]) == {cid: (20 + rules.SCENE_AWARD_XP
+                                          - rules.xp_cost("attribute", 2),) * 2}
