@@ -270,7 +270,9 @@ def test_a_server_out_of_disk_during_the_verify_restore_is_no_verdict_on_the_bac
     # (outside pytest's 0700 tmp dir: the server's own user must reach it)
     where = Path(tempfile.mkdtemp(prefix="warden-tiny-"))
     where.chmod(0o755)
-    with _tmpfs(where / "space", f"{size // 4096 * 4096},uid={owner.st_uid},"
+    request_cleanup = contextlib.ExitStack()
+    request_cleanup.callback(shutil.rmtree, where, ignore_errors=True)
+    with request_cleanup, _tmpfs(where / "space", f"{size // 4096 * 4096},uid={owner.st_uid},"
                 f"gid={owner.st_gid}") as tiny:
         backup_env.sql(f"CREATE TABLESPACE {space} LOCATION '{tiny}'")
         original = service.run_tool
@@ -298,6 +300,5 @@ def test_a_server_out_of_disk_during_the_verify_restore_is_no_verdict_on_the_bac
         finally:
             monkeypatch.undo()
             backup_env.sql(f"DROP TABLESPACE IF EXISTS {space}")
-    shutil.rmtree(where, ignore_errors=True)
     # and with room again, the same backup passes
     assert service.verify_backup(made["backup_id"])["verdict"] == "passed"
