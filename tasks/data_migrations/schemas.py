@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.data_migrations import registry
+
+
+def _enum_names(schema: dict[str, Any]) -> None:
+    """Name the registered migrations in the params' JSON Schema (job-type catalogue, OpenAPI):
+    the validator below enforces them, and a client must see what it accepts."""
+    schema["enum"] = list(registry.names())
 
 
 def _known(name: str) -> str:
@@ -18,7 +26,8 @@ class MigrationRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(max_length=100, description="a registered migration")
+    name: str = Field(max_length=100, description="a registered migration",
+                      json_schema_extra=_enum_names)
     batch_size: int | None = Field(
         None, ge=1, le=1_000_000,
         description="rows per batch, fixed (split only on a timeout); default: adapts to "
@@ -35,7 +44,8 @@ class MigrationReverse(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(max_length=100, description="a registered, reversible migration")
+    name: str = Field(max_length=100, description="a registered, reversible migration",
+                      json_schema_extra=_enum_names)
     reason: str = Field(min_length=1, max_length=500, description="why (operator log)")
     actor: str = Field("api", max_length=100, description="who asked (operator log)")
 
