@@ -6,40 +6,45 @@ clients, and FastAPI runs sync endpoints in its thread pool.
 
 from __future__ import annotations
 
-import base64
 import importlib
 import importlib.util
-import json
 import pkgutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Annotated, Any
 
 import psycopg
 import sqlalchemy.exc
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
+from starlette.convertors import StringConvertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api_stub import contract, cursors
 from api_stub.auth import require
 from api_stub.middleware import BodyLimit, Observe
 from api_stub.schemas import (
     KEY_PATTERN,
+    NO_NUL,
     BulkIn,
     BulkResult,
+    CancelFilterIn,
     JobIn,
     JobOut,
     JobPage,
     JobTypeOut,
     OperatorLogPage,
+    ReadyOut,
     ReasonIn,
+    RetryFilterIn,
 )
 from workers import jobstore, metrics, operator, oplog, why
 from workers.db import AsyncPool, PoolTimeout, session_scope
@@ -61,6 +66,17 @@ from workers.settings import get_settings
 from workers.tokens import Principal, TokenCache
 
 log = structlog.get_logger("warden.api")
+
+
+class JobIdSegment(StringConvertor):
+    """`{job_id:job_id}`: any segment but the bulk actions' paths. The document (like OpenAPI
+    routing) has /v1/jobs/cancel mean the bulk cancel only, so GET /v1/jobs/cancel is a 405,
+    not a malformed job id; any other segment still reaches the route (422 when not a UUID)."""
+
+    regex = r"(?!(?:retry|cancel)$)[^/]+"
+
+
+register_url_convertor("job_id", JobIdSegment())
 
 
 def _field_errors(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
@@ -108,6 +124,18 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         ]
         return _unprocessable(detail)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        # FastAPI answers 400 when a body is not even text (bytes that are not UTF-8); that
+        # is an invalid body like any other, so it gets the same 422 and shape.
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            return _unprocessable([{"loc": ["body"], "msg": "body is not UTF-8 JSON",
+                                    "type": "json_invalid"}])
+        if exc.status_code == 405:
+            allow = ", ".join(contract.allowed_methods(request.app, request.url.path))
+            exc = StarletteHTTPException(405, exc.detail, headers={"Allow": allow})
+        return await http_exception_handler(request, exc)
+
     async def _db_down(_: Request, exc: Exception) -> JSONResponse:
         log.error("api.database_unavailable", error=describe(exc))
         return JSONResponse(status_code=503, content={"detail": "database unavailable"},
@@ -132,7 +160,10 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
               dependencies=[Depends(require("enqueue"))],
               responses={200: {"model": JobOut,
                                "description": "same idempotency key: the first job"},
-                         409: {}, 413: {}, 422: {}})
+                         409: {"description": "the idempotency key was used for another job"},
+                         422: {"description": "invalid body or params (`loc` names the field); "
+                                              "an unknown type lists `known_types`"}},
+              openapi_extra=contract.links((200, 202), **_job_links("#/id")))
     async def enqueue(
         body: JobIn,
         response: Response,
@@ -149,6 +180,9 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
                     "msg": "differs from body.idempotency_key; send one or make them equal",
                 }])
             key = idempotency_key
+        task = job_types().get(body.type)
+        if task is not None and (wrong := contract.check_params(task.params, body.params)):
+            return _unprocessable([{**e, "loc": ["body", "params", *e["loc"]]} for e in wrong])
         try:
             prepared = prepare(body.type, body.params, idempotency_key=key,
                                countdown=body.countdown)
@@ -171,7 +205,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
             response.status_code = 200
         return JobOut.from_row(sub.job)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut,
+    @app.get("/v1/jobs/{job_id:job_id}", response_model=JobOut,
               dependencies=[Depends(require("read"))])
     def get_job(job_id: uuid.UUID) -> Any:
         """One job with its status, attempts, result or error."""
@@ -181,50 +215,43 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         return job_out(row)
 
     @app.get("/v1/jobs", response_model=JobPage,
-              dependencies=[Depends(require("read"))])
+              dependencies=[Depends(require("read"))],
+              openapi_extra=contract.links((200,), **_job_links("#/items/0/id")))
     def list_jobs(
         status: Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATUSES) + ")$")] = None,
-        type: Annotated[str | None, Query(max_length=100)] = None,
+        type: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        cursor: Annotated[str | None, Query(pattern=cursors.JOB_PATTERN,
+                                            description=cursors.DESCRIPTION)] = None,
         parent_id: uuid.UUID | None = None,
     ) -> Any:
         """Newest first; pass next_cursor back to get the next page. `parent_id` lists a
         fanned-out job's children."""
-        before = None
-        if cursor:
-            try:
-                ts, cid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-                before = (datetime.fromisoformat(ts), uuid.UUID(cid))
-            except (ValueError, TypeError, AttributeError):
-                return _unprocessable([{"loc": ["query", "cursor"], "msg": "invalid cursor",
-                                        "type": "value_error"}])
+        before = cursors.decode_job(cursor) if cursor else None
         # One row more than asked tells whether there is a next page.
         rows = jobstore.list_jobs(status=status, job_type=type, parent_id=parent_id,
                                   limit=limit + 1, before=before)
         items = [JobOut.from_row(r) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
-            last = items[-1]
-            next_cursor = base64.urlsafe_b64encode(
-                json.dumps([last.created_at.isoformat(), str(last.id)]).encode()
-            ).decode()
+            next_cursor = cursors.encode_job(items[-1].created_at, items[-1].id)
         return JobPage(items=items, next_cursor=next_cursor)
 
-    @app.post("/v1/jobs/retry", response_model=BulkResult)
-    def retry_jobs(body: BulkIn,
+    @app.post("/v1/jobs/retry", response_model=BulkResult, responses=_TOO_MANY)
+    def retry_jobs(body: RetryFilterIn,
                    who: Annotated[Principal, Depends(require("admin"))]) -> Any:
         """Retry every failed or dead job the filter matches (a dry run counts them); the
         relay publishes them in batches. Recorded in the operator log with the reason."""
         return _bulk("retry", body, who)
 
-    @app.post("/v1/jobs/cancel", response_model=BulkResult)
-    def cancel_jobs(body: BulkIn,
+    @app.post("/v1/jobs/cancel", response_model=BulkResult, responses=_TOO_MANY)
+    def cancel_jobs(body: CancelFilterIn,
                     who: Annotated[Principal, Depends(require("admin"))]) -> Any:
         """Cancel every queued or retrying job the filter matches (a dry run counts them)."""
         return _bulk("cancel", body, who)
 
-    @app.post("/v1/jobs/{job_id}/retry", response_model=JobOut)
+    @app.post("/v1/jobs/{job_id}/retry", response_model=JobOut,
+              responses={409: {"description": "the job is neither failed nor dead"}})
     def retry_job(job_id: uuid.UUID, body: ReasonIn,
                   who: Annotated[Principal, Depends(require("admin"))]) -> Any:
         """Run a failed or dead job again with a fresh attempt budget (409 otherwise)."""
@@ -233,7 +260,8 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         log.info("job.retry_requested", job_id=str(job_id), actor=who.name)
         return job_out(jobstore.get(job_id))
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,
+              responses={409: {"description": "the job has started or ended"}})
     def cancel_job(job_id: uuid.UUID, body: ReasonIn,
                    who: Annotated[Principal, Depends(require("admin"))]) -> Any:
         """Cancel a job that has not started (queued or retrying); 409 for any other state."""
@@ -246,7 +274,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     def operator_log(
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         before_id: Annotated[int | None, Query(ge=1)] = None,
-        action: Annotated[str | None, Query(max_length=64)] = None,
+        action: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
     ) -> Any:
         """Who did what, to how many, and why; newest first (pass next_before_id back)."""
         with session_scope() as s:
@@ -277,7 +305,8 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=ReadyOut,
+             responses={503: {"model": ReadyOut, "description": "a dependency is down"}})
     def readyz(response: Response) -> dict[str, Any]:
         """Readiness: each dependency checked; 503 when any is down."""
         checks: dict[str, dict[str, Any]] = {}
@@ -293,7 +322,9 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         response.status_code = 200 if ok else 503
         return {"status": "ready" if ok else "unavailable", "checks": checks}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition",
+        "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     def prometheus() -> Response:
         """Prometheus exposition."""
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
@@ -303,7 +334,21 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     family_metrics()
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit)
+    contract.install(app)  # after every router: it documents the routes it finds
     return app
+
+
+def _job_links(pointer: str) -> dict[str, tuple[str, str, dict[str, str]]]:
+    """From a job in a response to what can be done with it."""
+    job = {"job_id": "$response.body" + pointer}
+    return {"GetJob": ("GET", "/v1/jobs/{job_id}", job),
+            "CancelJob": ("POST", "/v1/jobs/{job_id}/cancel", job),
+            "RetryJob": ("POST", "/v1/jobs/{job_id}/retry", job)}
+
+
+# A bulk action changes at most operator.BULK_LIMIT jobs in one transaction.
+_TOO_MANY: dict[int | str, dict[str, Any]] = {
+    409: {"description": "the filter matches more jobs than one action may change"}}
 
 
 def family_routers() -> list[APIRouter]:
@@ -344,8 +389,9 @@ def _bulk(action: operator.Action, body: BulkIn, who: Principal) -> Any:
         return operator.bulk(action, flt, actor=who.name, reason=body.reason,
                              dry_run=body.dry_run)
     except operator.FilterError as exc:
-        raise HTTPException(422, [{"loc": ["body", "status"], "msg": str(exc),
-                                   "type": "value_error"}]) from exc
+        # The body's model admits only the statuses the action touches, so what is left is
+        # the state: more jobs match than one action may change.
+        raise HTTPException(409, str(exc)) from exc
 
 
 def _operate(op: Callable[[uuid.UUID], Any], job_id: uuid.UUID) -> Any:

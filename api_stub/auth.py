@@ -20,6 +20,9 @@ bearer = HTTPBearer(auto_error=False)
 # At most this many token lookups hit the database at once: a flood of unknown tokens
 # queues here instead of taking every connection of the pool.
 _LOOKUPS = 4
+# Marks the dependency `require` returns, so api_stub.contract can tell which routes answer
+# 401/403 (and 503: the lookup reads the database) without a list to keep in step.
+SCOPE_ATTR = "warden_scope"
 _gate: asyncio.Semaphore | None = None
 
 
@@ -52,4 +55,5 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
             raise HTTPException(403, f"this token lacks the {scope!r} scope")
         return principal
 
+    setattr(check, SCOPE_ATTR, scope)
     return check

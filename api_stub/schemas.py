@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from api_stub import cursors
 
 MAX_COUNTDOWN = 3600  # == workers.enqueue.MAX_COUNTDOWN (below the visibility timeout)
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces: safe in headers and logs
+# PostgreSQL text and jsonb cannot hold U+0000: the API refuses it (422) in every string it
+# stores or compares, and says so in the document.
+NO_NUL = r"^[^\x00]*$"
+# RFC 3339 date-time, what OpenAPI's `format: date-time` means: pydantic alone would also take
+# a bare date, a naive time or a number of seconds, none of which the document admits.
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                      r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
+        raise ValueError("not an RFC 3339 date-time (2026-01-31T12:00:00Z)")
+    if not isinstance(value, str | datetime):
+        raise ValueError("a date-time is a string (RFC 3339)")
+    return value
+
+
+DateTime = Annotated[datetime, BeforeValidator(_rfc3339)]
+# An operator's reason: no NUL, and one character that is neither a control nor a blank by
+# any of the definitions in play (JSON Schema's \s, pydantic's, str.strip's in oplog), so the
+# document, the model and the operator log agree on what a blank reason is.
+_BLANK = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+REASON_PATTERN = rf"^[^\x00]*[^{_BLANK}][^\x00]*$"
 
 
 class JobIn(BaseModel):
@@ -20,7 +46,9 @@ class JobIn(BaseModel):
     type: str = Field(..., min_length=1, max_length=100, examples=["platform.ping"])
     params: dict[str, Any] = Field(default_factory=dict, examples=[{"echo": "hello"}])
     idempotency_key: str | None = Field(None, pattern=KEY_PATTERN)
-    countdown: float | None = Field(None, ge=0, le=MAX_COUNTDOWN, description="seconds to wait")
+    # strict: a number, not a numeric string or a boolean (the document says number)
+    countdown: float | None = Field(None, ge=0, le=MAX_COUNTDOWN, strict=True,
+                                    description="seconds to wait")
 
 
 class JobErrorOut(BaseModel):
@@ -74,7 +102,7 @@ class JobOut(BaseModel):
 
 class JobPage(BaseModel):
     items: list[JobOut]
-    next_cursor: str | None
+    next_cursor: str | None = Field(..., pattern=cursors.JOB_PATTERN)
 
 
 class JobTypeOut(BaseModel):
@@ -90,7 +118,7 @@ class ReasonIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(..., min_length=1, max_length=1000, pattern=r"\S",
+    reason: str = Field(..., min_length=1, max_length=1000, pattern=REASON_PATTERN,
                         examples=["dependency fixed: INC-231"])
 
 
@@ -99,10 +127,22 @@ class BulkIn(ReasonIn):
     dead; cancel: queued, retrying), or omitted for all of them; times bound created_at."""
 
     status: str | None = Field(None, max_length=16)
-    type: str | None = Field(None, max_length=100)
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    dry_run: bool = False
+    type: str | None = Field(None, max_length=100, pattern=NO_NUL)
+    created_after: DateTime | None = None
+    created_before: DateTime | None = None
+    dry_run: bool = Field(False, strict=True)  # true or false, not 0 or "yes"
+
+
+class RetryFilterIn(BulkIn):
+    """POST /v1/jobs/retry: the statuses a retry touches are the only ones it accepts."""
+
+    status: Literal["failed", "dead"] | None = None
+
+
+class CancelFilterIn(BulkIn):
+    """POST /v1/jobs/cancel: the statuses a cancel touches are the only ones it accepts."""
+
+    status: Literal["queued", "retrying"] | None = None
 
 
 class BulkResult(BaseModel):
@@ -126,3 +166,38 @@ class OperatorLogEntry(BaseModel):
 class OperatorLogPage(BaseModel):
     items: list[OperatorLogEntry]
     next_before_id: int | None
+
+
+class ErrorOut(BaseModel):
+    """The body of every error but a validation error: 401, 403, 404, 409, 413, 503."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    """One validation error: where (`loc`, e.g. ["body", "params", "echo"]), what, its kind."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+    known_types: list[str] = Field(
+        default_factory=list, description="the registered job types (type unknown_job_type)")
+
+
+class ValidationErrorOut(BaseModel):
+    """A 422: every validation error of the request, body, query, path or header."""
+
+    detail: list[FieldError]
+
+
+class DependencyCheck(BaseModel):
+    ok: bool
+    latency_ms: float
+    error: str | None = Field(None, description="the exception's type when not ok")
+
+
+class ReadyOut(BaseModel):
+    """GET /readyz: 200 when every dependency answers, 503 with the same body otherwise."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, DependencyCheck]

@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
-from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api_stub import cursors
 from api_stub.auth import require
+from api_stub.contract import links
 from domain import rules
 from tasks.audits import service
 from tasks.audits.schemas import (
@@ -27,21 +28,15 @@ from workers.tokens import Principal
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"])
 CHECK_PATTERN = "^(" + "|".join(rules.INTEGRITY_CHECKS) + ")$"
+# The `cursor` query parameter of the id-paged lists (audits, reports, validation): any
+# string matching its pattern is a position, anything else is the usual 422.
+IdCursor = Annotated[str | None, Query(pattern=cursors.ID_PATTERN,
+                                       description=cursors.DESCRIPTION)]
 
 
 def after_cursor(cursor: str | None) -> int | None:
-    """The id a cursor stands for; a 422 naming the field when it is not one of ours."""
-    if cursor is None:
-        return None
-    try:
-        return service.decode_cursor(cursor)
-    except ValueError:
-        raise _bad_cursor() from None
-
-
-def _bad_cursor() -> RequestValidationError:
-    return RequestValidationError([{"loc": ("query", "cursor"), "msg": "invalid cursor",
-                                    "type": "value_error"}])
+    """The id a cursor (already matched against its pattern) stands for."""
+    return None if cursor is None else cursors.decode_id(cursor)
 
 
 def _list(limit: int, before: int | None) -> AuditRunPage:
@@ -50,7 +45,7 @@ def _list(limit: int, before: int | None) -> AuditRunPage:
     items = [AuditRunOut(**r) for r in rows[:limit]]
     more = len(rows) > limit
     return AuditRunPage(items=items,
-                        next_cursor=service.encode_cursor(items[-1].id) if more else None)
+                        next_cursor=cursors.encode_id(items[-1].id) if more else None)
 
 
 def _detail(run_id: int, check: str | None, limit: int,
@@ -62,7 +57,7 @@ def _detail(run_id: int, check: str | None, limit: int,
             raise HTTPException(404, str(exc)) from exc
         rows = service.findings(s, run_id, check=check, limit=limit + 1, after=after)
     items = [FindingOut(**r) for r in rows[:limit]]
-    cursor = (service.encode_cursor((items[-1].check, items[-1].id)) if len(rows) > limit
+    cursor = (cursors.encode_finding(items[-1].check, items[-1].id) if len(rows) > limit
               else None)
     return AuditRunDetail(run=AuditRunOut(**run),
                           findings=FindingPage(items=items, next_cursor=cursor))
@@ -76,15 +71,18 @@ def _changes(run_id: int, limit: int, after: int | None) -> ChangePage:
             raise HTTPException(404, str(exc)) from exc
         rows = service.changes(s, run_id, limit=limit + 1, after_id=after)
     items = [ChangeOut(**r) for r in rows[:limit]]
-    cursor = service.encode_cursor(items[-1].id) if len(rows) > limit else None
+    cursor = cursors.encode_id(items[-1].id) if len(rows) > limit else None
     return ChangePage(items=items, next_cursor=cursor)
 
 
-@router.get("", response_model=AuditRunPage)
+@router.get("", response_model=AuditRunPage, openapi_extra=links((200,), **{
+    "GetAudit": ("GET", "/v1/audits/{run_id}", {"run_id": "$response.body#/items/0/id"}),
+    "GetAuditChanges": ("GET", "/v1/audits/{run_id}/changes",
+                        {"run_id": "$response.body#/items/0/id"})}))
 async def list_audits(
     _: Annotated[Principal, Depends(require("read"))],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: IdCursor = None,
 ) -> AuditRunPage:
     """Audit runs, newest first; pass next_cursor back for the next page."""
     before = after_cursor(cursor)
@@ -97,14 +95,12 @@ async def get_audit(
     _: Annotated[Principal, Depends(require("read"))],
     check: Annotated[str | None, Query(pattern=CHECK_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[str | None, Query(pattern=cursors.FINDING_PATTERN,
+                                        description=cursors.DESCRIPTION)] = None,
 ) -> AuditRunDetail:
     """One run with a page of its findings, ordered by check and id (optionally of one
     check); pass findings.next_cursor back for the next page."""
-    try:
-        after = service.decode_finding_cursor(cursor) if cursor is not None else None
-    except ValueError:
-        raise _bad_cursor() from None
+    after = cursors.decode_finding(cursor) if cursor is not None else None
     return await run_in_threadpool(_detail, run_id, check, limit, after)
 
 
@@ -113,7 +109,7 @@ async def get_audit_changes(
     run_id: Annotated[int, Path(ge=1)],
     _: Annotated[Principal, Depends(require("read"))],
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: IdCursor = None,
 ) -> ChangePage:
     """A fix run's changed rows with their before and after values (what an undo uses)."""
     after = after_cursor(cursor)

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 import tasks.backups.metrics  # noqa: F401 - registers the backup gauges on /metrics
 from api_stub.auth import require
+from api_stub.contract import links
 from tasks.backups import service
 from tasks.backups.schemas import BackupOut
 from workers.db import session_scope
@@ -33,7 +34,8 @@ def _get(backup_id: int) -> BackupOut | None:
     return BackupOut(**row) if row else None
 
 
-@router.get("", response_model=list[BackupOut])
+@router.get("", response_model=list[BackupOut], openapi_extra=links((200,), GetBackup=(
+    "GET", "/v1/backups/{backup_id}", {"backup_id": "$response.body#/0/id"})))
 async def list_backups(
     _: Annotated[Principal, Depends(require("read"))],
     include_pruned: bool = False,

@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_stub.auth import require
+from api_stub.contract import links
+from api_stub.schemas import REASON_PATTERN
 from tasks.data_migrations import service
 from workers import jobstore, metrics, oplog
 from workers.db import session_scope
@@ -64,16 +66,23 @@ class MigrationCollector(Collector):
 metrics.REGISTRY.register(MigrationCollector())
 
 
+
+
 class Reason(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=500, description="why (operator log)")
+    reason: str = Field(min_length=1, max_length=500, pattern=REASON_PATTERN,
+                        description="why (operator log)")
 
 
 class OptionalReason(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(None, min_length=1, max_length=500)
+    reason: str | None = Field(None, min_length=1, max_length=500, pattern=REASON_PATTERN)
+
+
+def _conflict(when: str) -> dict[int | str, dict[str, Any]]:
+    return {409: {"description": f"the migration is not {when}"}}
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -90,7 +99,15 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
                                    "type": "value_error"}]) from exc
 
 
-@router.get("")
+_NAME = {"name": "$response.body#/0/name"}
+
+
+@router.get("", openapi_extra=links((200,), **{
+    f"{verb.capitalize()}Migration": (method, "/v1/migrations/{name}" + suffix, _NAME)
+    for verb, method, suffix in (("get", "GET", ""), ("batches", "GET", "/batches"),
+                                 ("rejects", "GET", "/rejects"), ("pause", "POST", "/pause"),
+                                 ("resume", "POST", "/resume"), ("cancel", "POST", "/cancel"),
+                                 ("retry", "POST", "/retry"))}))
 def list_migrations(_: Annotated[Principal, Depends(require("read"))]) -> list[dict[str, Any]]:
     """Every registered migration: status, progress, rows/s, ETA (running time only), last
     error, attempts."""
@@ -130,7 +147,7 @@ def list_rejects(name: str, _: Annotated[Principal, Depends(require("read"))],
                  after_id=after_id)
 
 
-@router.post("/{name}/pause")
+@router.post("/{name}/pause", responses=_conflict("queued or running"))
 def pause(name: str, body: Reason,
           who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     """Stop after the current batch; the run's job ends (no lock, no worker held)."""
@@ -138,7 +155,7 @@ def pause(name: str, body: Reason,
                  reason=body.reason)
 
 
-@router.post("/{name}/resume")
+@router.post("/{name}/resume", responses=_conflict("paused"))
 def resume(name: str, body: OptionalReason,
            who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     """Queue a new run that starts at the checkpoint."""
@@ -149,7 +166,7 @@ def resume(name: str, body: OptionalReason,
     return out
 
 
-@router.post("/{name}/cancel")
+@router.post("/{name}/cancel", responses=_conflict("cancellable in its state"))
 def cancel(name: str, body: Reason,
            who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     """Stop for good after the current batch (done batches stay done)."""
@@ -157,7 +174,7 @@ def cancel(name: str, body: Reason,
                  reason=body.reason)
 
 
-@router.post("/{name}/retry")
+@router.post("/{name}/retry", responses=_conflict("failed"))
 def retry(name: str, body: OptionalReason,
           who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     """Run a failed migration again from its checkpoint (its failed job, retried)."""

@@ -10,8 +10,9 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from api_stub.auth import require
-from api_stub.routes.audits import after_cursor
-from tasks.audits.service import encode_cursor
+from api_stub.contract import links
+from api_stub.cursors import encode_id
+from api_stub.routes.audits import IdCursor, after_cursor
 from tasks.reports import service
 from tasks.reports.schemas import (
     DeliveryOut,
@@ -31,7 +32,7 @@ def _overview(limit: int, before: int | None) -> HealthOverview:
         latest = service.history(s, limit=1)
         rows = service.history(s, limit=limit + 1, before_id=before)
     items = [HealthReportOut(**r) for r in rows[:limit]]
-    cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
+    cursor = encode_id(items[-1].id) if len(rows) > limit else None
     return HealthOverview(latest=HealthReportOut(**latest[0]) if latest else None,
                           history=HealthHistory(items=items, next_cursor=cursor))
 
@@ -46,11 +47,12 @@ def _one(report_id: int) -> HealthReportDetail:
     return HealthReportDetail(**found, deliveries=[DeliveryOut(**d) for d in sent])
 
 
-@router.get("/health", response_model=HealthOverview)
+@router.get("/health", response_model=HealthOverview, openapi_extra=links((200,), GetReport=(
+    "GET", "/v1/reports/health/{report_id}", {"report_id": "$response.body#/history/items/0/id"})))
 async def health(
     _: Annotated[Principal, Depends(require("read"))],
     limit: Annotated[int, Query(ge=1, le=500)] = 24,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: IdCursor = None,
 ) -> HealthOverview:
     """The latest health report, and the history newest first (next_cursor pages back)."""
     before = after_cursor(cursor)

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from api_stub.auth import require
-from api_stub.routes.audits import after_cursor
+from api_stub.contract import links
+from api_stub.cursors import encode_id as encode_cursor
+from api_stub.routes.audits import IdCursor, after_cursor
 from domain import checks, rules
-from tasks.audits.service import encode_cursor
 from tasks.validation import service
 from tasks.validation.schemas import IssueOut, IssuePage, SweepOut, SweepPage
 from workers.db import session_scope
@@ -49,11 +50,12 @@ def _issues(character_id: int | None, state: str, severity: str | None, rule: st
                      next_cursor=encode_cursor(items[-1].id) if len(rows) > limit else None)
 
 
-@router.get("/sweeps", response_model=SweepPage)
+@router.get("/sweeps", response_model=SweepPage, openapi_extra=links((200,), GetSweep=(
+    "GET", "/v1/validation/sweeps/{sweep_id}", {"sweep_id": "$response.body#/items/0/id"})))
 async def list_sweeps(
     _: Annotated[Principal, Depends(require("read"))],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: IdCursor = None,
 ) -> SweepPage:
     """Sweeps, newest first."""
     before = after_cursor(cursor)
@@ -77,7 +79,7 @@ async def list_issues(
     severity: Annotated[str | None, Query(pattern=SEVERITY_PATTERN)] = None,
     rule: Annotated[str | None, Query(pattern=RULE_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: IdCursor = None,
 ) -> IssuePage:
     """Issues newest first: open (default), resolved, or all, per character if given."""
     before = after_cursor(cursor)
