@@ -44,6 +44,8 @@ def main() -> int:
     audit_characters = _env_int("WARDEN_BENCH_AUDIT_CHARACTERS", 1_000_000)
     audit_rounds = _env_int("WARDEN_BENCH_AUDIT_ROUNDS", 3)
     validation_rounds = _env_int("WARDEN_BENCH_VALIDATION_ROUNDS", 1)
+    # metrics_scrape (bench/metrics_scrape.py): the 10M job rows
+    metrics_rows = _env_int("WARDEN_BENCH_METRICS_ROWS", 10_000_000)
 
     from bench import enqueue_api, phases, ping
     from bench.services import services
@@ -89,6 +91,11 @@ def main() -> int:
                     print(line, flush=True)
                 for line in validation.run(svc, data, validation_rounds):
                     print(line, flush=True)
+        if only in ("", "metrics"):
+            from bench import metrics_scrape
+
+            for line in metrics_scrape.run(svc, metrics_rows):
+                print(line, flush=True)
     print(f"# done in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 

@@ -63,10 +63,10 @@ class Services:
         env.update(extra)
         return env
 
-    def spawn(self, argv: list[str], name: str) -> Proc:
+    def spawn(self, argv: list[str], name: str, **extra: str) -> Proc:
         """Start `python <argv>`; it is stopped when the run ends, whatever happens."""
         log = self.data_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        proc = Proc(argv, self.env(), log)
+        proc = Proc(argv, self.env(**extra), log)
         self.stack.callback(proc.stop)
         return proc
 
@@ -98,9 +98,9 @@ def start_worker(svc: Services, concurrency: int) -> Proc:
     raise RuntimeError(f"worker not ready after 60 s:\n{proc.tail()}")
 
 
-def start_http(svc: Services, argv: list[str], name: str, port: int) -> Proc:
+def start_http(svc: Services, argv: list[str], name: str, port: int, **extra: str) -> Proc:
     """An HTTP server child, returned once its port accepts (uvicorn binds after startup)."""
-    proc = svc.spawn(argv, name)
+    proc = svc.spawn(argv, name, **extra)
     try:
         wait_for_port(port, 60, proc.popen)
     except Exception as exc:

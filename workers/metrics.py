@@ -29,6 +29,7 @@ from sqlalchemy import text
 
 from workers import stats
 from workers.db import session_scope
+from workers.settings import get_settings
 
 log = structlog.get_logger("warden.metrics")
 
@@ -69,18 +70,19 @@ T = TypeVar("T")
 
 
 class Cached:
-    """A value read at most every `ttl` seconds, shared by the scrape threads: scrapes from
-    several Prometheus servers (or a refreshing dashboard) cost one read."""
+    """A value read at most every WARDEN_METRICS_CACHE_SECONDS (times `factor`), shared by the
+    scrape threads: several Prometheus servers (or a refreshing dashboard) cost one read."""
 
-    def __init__(self, read: Callable[[], T], ttl: float = 5.0) -> None:
-        self._read, self.ttl = read, ttl
+    def __init__(self, read: Callable[[], T], factor: float = 1.0) -> None:
+        self._read, self.factor = read, factor
         self._at = -1e18
         self._value: Any = None
         self._lock = threading.Lock()
 
     def get(self) -> Any:
         with self._lock:
-            if time.monotonic() - self._at > self.ttl:
+            ttl = get_settings().metrics_cache_seconds * self.factor
+            if time.monotonic() - self._at >= ttl:
                 self._value = self._read()
                 self._at = time.monotonic()
             return self._value
@@ -123,7 +125,7 @@ def _read_sql_gauges() -> list[tuple[SqlGauge, list[tuple[Any, ...]]]]:
 
 class SqlGaugeCollector(Collector):
     def __init__(self) -> None:
-        self._data = Cached(_read_sql_gauges, ttl=15.0)
+        self._data = Cached(_read_sql_gauges, factor=3.0)
 
     def collect(self) -> Iterator[Metric]:
         try:

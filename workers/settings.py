@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # deleted in batches; failed and dead ones (each may still need an operator) are kept
     # for job_retention_failed_days. Job statistics and schedule successes are kept apart
     # (job_stats) and survive the prune.
+    # /metrics reads the job tables at most this often per API process (family gauges three
+    # times less often): several Prometheus servers or a dashboard cost one read.
+    metrics_cache_seconds: float = Field(5.0, ge=0)
     job_retention_days: int = Field(30, ge=1, le=3650)
     job_retention_failed_days: int = Field(90, ge=1, le=3650)
 
