@@ -53,6 +53,7 @@ from domain import rules
 from schedules import SCHEDULE
 from tasks.audits import service as audits
 from tasks.backups import service as backups
+from tasks.backups.schemas import human_size
 from tasks.data_migrations import service as migrations
 from tasks.reports import service as reports
 from workers import jobstore, operator, oplog, stats
@@ -174,17 +175,6 @@ def fmt_time(when: datetime | float | None) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
 def pretty(value: Any) -> str:
     """JSON for a <pre>; a plain str, so autoescape escapes it like any other text."""
     return json.dumps(value, indent=2, default=str, ensure_ascii=False, sort_keys=True)
@@ -196,7 +186,7 @@ def status_class(status: Any) -> str:
 
 _env = Environment(loader=PackageLoader("api_stub", "templates"), autoescape=True,
                    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-_env.filters.update(duration=fmt_duration, ago=fmt_ago, time=fmt_time, bytes=fmt_bytes,
+_env.filters.update(duration=fmt_duration, ago=fmt_ago, time=fmt_time, bytes=human_size,
                     pretty=pretty, badge=status_class)
 
 

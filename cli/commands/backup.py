@@ -14,22 +14,13 @@ from typing import Any, NoReturn
 
 import click
 
+from tasks.backups.schemas import human_size
+
 
 def _fail(message: str, code: int = 1) -> NoReturn:
     """One clear line on stderr and a non-zero exit (as cli.main.fail)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _age(seconds: float | None) -> str:
@@ -105,7 +96,7 @@ def list_cmd(include_pruned: bool, limit: int, as_json: bool) -> None:
         verdict = "verifying" if r["verifying"] else (r["verdict"] or "-")
         restore = f"{r['restore_seconds']:.1f} s" if r["restore_seconds"] is not None else "-"
         click.echo(f"{r['id']:>6}  {taken:%Y-%m-%d %H:%M:%S}  {_age(r['age_seconds']):>8}  "
-                   f"{_size(r['bytes']):>10}  {r['status']:<9}  {verdict:<9}  {restore:>9}")
+                   f"{human_size(r['bytes']):>10}  {r['status']:<9}  {verdict:<9}  {restore:>9}")
 
 
 @backup.command("show")
@@ -169,8 +160,8 @@ def prune_cmd(dry_run: bool, keep_daily: int | None, keep_weekly: int | None,
         click.echo(f"keep    {kept['backup_id']:>6}  {', '.join(kept['reasons'])}")
     for gone in plan["deleted"]:
         click.echo(f"delete  {gone['backup_id']:>6}  {gone['snapshot_at'][:19]}  "
-                   f"{_size(gone['bytes'])}  {gone['path']}")
-    click.echo(f"would delete {len(plan['deleted'])} backups ({_size(plan['bytes_freed'])}); "
+                   f"{human_size(gone['bytes'])}  {gone['path']}")
+    click.echo(f"would delete {len(plan['deleted'])} backups ({human_size(plan['bytes_freed'])}); "
                "nothing was deleted (--dry-run)")
 
 

@@ -8,6 +8,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def human_size(n: int | None) -> str:
+    """A byte count as the CLI and the operations page show it (`12.3 MiB`; `-`: unknown)."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 class CreateBackup(BaseModel):
     """Back up the application database now."""
 
