@@ -4,9 +4,11 @@ Why a fold and not counters in each process: the figures must be the same whiche
 replica is scraped, however many workers produced them, and must survive restarts and the
 retention prune. The trigger (migration 0006) appends one row per status change in the
 transaction that made it; `fold` moves a batch of them into job_stats and deletes them in
-one transaction (SKIP LOCKED: two folds never count an event twice, nor wait on each
-other). The relay folds on every pass and /metrics folds before it reads, so the summary is
-seconds behind at most.
+one transaction (SKIP LOCKED: two folds never count an event twice). Two folds may update
+the same job_stats rows; each locks them in (kind, type, label) order, so one waits for the
+other and they never deadlock. The relay folds on every pass (up to FOLD_BATCH); /metrics
+folds a small batch before it reads (SCRAPE_FOLD_BATCH, under a statement timeout, and a
+scrape whose fold fails still answers), so the summary is seconds behind at most.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "run": RUN_BUCKETS, "wait": WAIT_BUCKETS, "attempts": ATTEMPT_BUCKETS,
 }
 FOLD_BATCH = 50_000
+# What a /metrics scrape folds itself, at most, and for how long it may wait: ~0.3 s on the
+# 2-core machine. A backlog (no relay ran for a while) is the relay's to fold, 50,000 events
+# a pass; a scrape must answer well inside Prometheus' scrape timeout however large it is.
+SCRAPE_FOLD_BATCH = 10_000
+SCRAPE_FOLD_TIMEOUT_MS = 2_000
 
 
 def le_label(bound: float) -> str:
@@ -72,7 +79,10 @@ WITH ev AS (
     SELECT 'schedule_success', entry, '', max(EXTRACT(EPOCH FROM at))
       FROM ev WHERE entry IS NOT NULL AND entry <> '' GROUP BY 2
 ), ins AS (
-    INSERT INTO job_stats (kind, type, label, value) SELECT kind, type, label, value FROM agg
+    -- In key order: two folds lock the rows they share in the same order (one waits for
+    -- the other), never each holding one the other needs (a deadlock).
+    INSERT INTO job_stats (kind, type, label, value)
+    SELECT kind, type, label, value FROM agg ORDER BY kind, type, label
     ON CONFLICT (kind, type, label) DO UPDATE SET value = CASE
         WHEN job_stats.kind = 'schedule_success' THEN GREATEST(job_stats.value, EXCLUDED.value)
         ELSE job_stats.value + EXCLUDED.value END
@@ -82,9 +92,13 @@ SELECT count(*) FROM ev
 """)
 
 
-def fold(limit: int = FOLD_BATCH) -> int:
-    """Fold up to `limit` events into job_stats; returns how many were folded."""
+def fold(limit: int = FOLD_BATCH, timeout_ms: int | None = None) -> int:
+    """Fold up to `limit` events into job_stats; returns how many were folded. With
+    `timeout_ms`, the fold gives up after that long (an error; its events stay)."""
     with session_scope() as s:
+        if timeout_ms is not None:
+            s.execute(text("SELECT set_config('statement_timeout', :t, true)"),
+                      {"t": f"{int(timeout_ms)}ms"})
         return int(s.execute(_FOLD, {"n": limit, **_bounds()}).scalar_one())
 
 

@@ -1,0 +1,104 @@
+"""The job statistics fold (workers/stats.py) under concurrency, and what a /metrics scrape
+does when it cannot fold: real Postgres, several folds at once as the relay and the API
+replicas' scrapes run them."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+import psycopg
+
+from tests.conftest import Services
+from workers import metrics, stats
+
+
+def _outcomes(db: psycopg.Connection, prefix: str) -> float:
+    row = db.execute("SELECT COALESCE(sum(value), 0) FROM job_stats WHERE kind = 'outcome' "
+                     "AND type LIKE %s", (prefix + "%",)).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def test_concurrent_folds_count_each_event_once_and_never_deadlock(
+        services: Services, db: psycopg.Connection) -> None:
+    # given events of many types arriving while three folds run at once (the relay and two
+    # API replicas' scrapes), each fold of a different size, so their batches hold
+    # different sets of job_stats rows
+    prefix = f"testing.fold_{uuid.uuid4().hex[:6]}."
+    types = [f"{prefix}{i}" for i in range(300)]
+    stop = time.monotonic() + 8
+    inserted = 0
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def produce() -> None:
+        nonlocal inserted
+        with psycopg.connect(services.database_url, autocommit=True) as conn:
+            while time.monotonic() < stop and not errors:
+                rows = [(random.choice(types), random.choice(("succeeded", "failed")),
+                         random.random() * 10) for _ in range(200)]
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO job_events (type, status, run_seconds, attempts) "
+                        "VALUES (%s, %s, %s, 1)", rows)
+                with lock:
+                    inserted += len(rows)
+
+    def fold() -> None:
+        while time.monotonic() < stop and not errors:
+            try:
+                stats.fold(random.choice((50, 500, 5000)))
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    threads = [threading.Thread(target=produce) for _ in range(2)]
+    threads += [threading.Thread(target=fold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    # then no fold failed (a deadlock rolls a fold back: its scrape lost its series)
+    assert errors == []
+    # and once the rest is folded, every event counted exactly once
+    stats.fold_all()
+    assert _outcomes(db, prefix) == inserted
+    row = db.execute("SELECT sum(value) FROM job_stats WHERE kind = 'run_bucket' "
+                     "AND label = '+Inf' AND type LIKE %s", (prefix + "%",)).fetchone()
+    assert row is not None and row[0] == inserted
+
+
+def test_scrape_answers_when_its_fold_cannot_run(services: Services,
+                                                 db: psycopg.Connection) -> None:
+    # given an event to fold whose job_stats row another transaction holds (a long fold of
+    # another process, a stuck session) for 15 seconds
+    jtype = f"testing.blocked_{uuid.uuid4().hex[:6]}"
+    db.execute("INSERT INTO job_stats (kind, type, label, value) "
+               "VALUES ('outcome', %s, 'succeeded|', 1)", (jtype,))
+    db.execute("INSERT INTO job_events (type, status, attempts) VALUES (%s, 'succeeded', 1)",
+               (jtype,))
+    holder = psycopg.connect(services.database_url)
+    holder.execute("SELECT 1 FROM job_stats WHERE kind = 'outcome' AND type = %s FOR UPDATE",
+                   (jtype,))
+    release = threading.Timer(15, holder.rollback)
+    release.start()
+    try:
+        # when /metrics reads the job figures
+        start = time.monotonic()
+        figures = metrics._read_jobs()
+        elapsed = time.monotonic() - start
+    finally:
+        release.cancel()
+        holder.rollback()
+        holder.close()
+
+    # then it answers within its fold timeout, with the summary as it stood
+    assert elapsed < stats.SCRAPE_FOLD_TIMEOUT_MS / 1000 + 3, elapsed
+    assert figures.snapshot.outcomes[(jtype, "succeeded", "")] == 1
+    assert figures.events_pending >= 1
+    # and the event is left for the next fold, which counts it
+    stats.fold_all()
+    assert stats.read().outcomes[(jtype, "succeeded", "")] == 2
