@@ -3,9 +3,14 @@
 Why batches: one DELETE of millions of rows would hold their locks and bloat the table in
 one go; a batch of a few thousand commits in tens of milliseconds. Statistics (job_stats)
 and each schedule's last success are kept apart and survive the prune; the operator log is
-never pruned. A parent is deleted with its children (ON DELETE CASCADE), so a parent waits
-while any of its children is younger than that child's own retention, and a child is never
-deleted while its parent has not ended (the parent reads the children's results).
+never pruned.
+
+A fan-out goes as a whole: the parent is deleted with its children (ON DELETE CASCADE) once
+it and every child are past their own retention, and a child is never deleted on its own.
+Why: while any member of the family can still be retried (a failed or dead parent or
+child, kept 90 days), the parent may run again, and a parent that runs again reads all its
+children (`fan_out` returns them); a child pruned after 30 days would be missing from that
+read, and the parent would add up part of its work as if it were all of it.
 """
 
 from __future__ import annotations
@@ -20,23 +25,30 @@ from sqlalchemy.orm import Session
 KEPT_SHORT = ("succeeded", "cancelled")
 KEPT_LONG = ("failed", "dead")
 
+# Jobs that are not children (children go with their parent), past their retention, whose
+# children are all past their own.
 _ELIGIBLE = """
 FROM job_runs j
 WHERE j.status = :status AND j.created_at < :cutoff AND j.finished_at < :cutoff
-  AND (j.parent_id IS NULL OR NOT EXISTS (
-        SELECT 1 FROM job_runs p WHERE p.id = j.parent_id
-        AND p.status NOT IN ('succeeded', 'failed', 'dead', 'cancelled')))
+  AND j.parent_id IS NULL
   AND (j.children_total = 0 OR NOT EXISTS (
         SELECT 1 FROM job_runs c WHERE c.parent_id = j.id AND (
             c.finished_at IS NULL
-            OR (c.status IN ('failed', 'dead') AND c.finished_at >= :long_cutoff)
-            OR c.finished_at >= :cutoff)))
+            OR c.finished_at >= CASE WHEN c.status IN ('failed', 'dead') THEN :long_cutoff
+                                     ELSE :short_cutoff END)))
 """
+# One batch: the oldest eligible jobs, as many as keep the batch (a parent counts with its
+# children) near :n rows; `candidates` < :n says nothing eligible is left.
 _DELETE = text(
-    "DELETE FROM job_runs WHERE id IN (SELECT j.id " + _ELIGIBLE +
-    " ORDER BY j.created_at LIMIT :n FOR UPDATE SKIP LOCKED)"
+    "WITH cand AS (SELECT j.id, j.created_at, j.children_total " + _ELIGIBLE +
+    "  ORDER BY j.created_at LIMIT :n FOR UPDATE OF j SKIP LOCKED), "
+    "pick AS (SELECT id FROM (SELECT id, sum(1 + children_total) OVER (ORDER BY created_at, id)"
+    "  - (1 + children_total) AS before FROM cand) x WHERE before < :n), "
+    "gone AS (DELETE FROM job_runs WHERE id IN (SELECT id FROM pick) RETURNING children_total) "
+    "SELECT (SELECT count(*) FROM cand) AS candidates, "
+    "COALESCE(sum(1 + children_total), 0) AS deleted FROM gone"
 )
-_COUNT = text("SELECT count(*) " + _ELIGIBLE)
+_COUNT = text("SELECT COALESCE(sum(1 + j.children_total), 0) " + _ELIGIBLE)
 
 
 @dataclass(frozen=True)
@@ -75,14 +87,19 @@ def database_now(session: Session) -> datetime:
     return now
 
 
+def _args(status: str, cutoffs: Cutoffs) -> dict[str, Any]:
+    return {"status": status, "cutoff": cutoffs.of(status), "short_cutoff": cutoffs.short,
+            "long_cutoff": cutoffs.long}
+
+
 def count_prunable(session: Session, status: str, cutoffs: Cutoffs) -> int:
-    """How many jobs of `status` the prune would delete now."""
-    return int(session.execute(_COUNT, {"status": status, "cutoff": cutoffs.of(status),
-                                        "long_cutoff": cutoffs.long}).scalar_one())
+    """How many jobs the prune would delete now with those of `status` (their children
+    included)."""
+    return int(session.execute(_COUNT, _args(status, cutoffs)).scalar_one())
 
 
-def prune_batch(session: Session, status: str, cutoffs: Cutoffs, limit: int) -> int:
-    """Delete up to `limit` prunable jobs of `status`, oldest first; returns how many."""
-    result = session.execute(_DELETE, {"status": status, "cutoff": cutoffs.of(status),
-                                       "long_cutoff": cutoffs.long, "n": limit})
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+def prune_batch(session: Session, status: str, cutoffs: Cutoffs, limit: int) -> tuple[int, bool]:
+    """Delete about `limit` prunable jobs of `status` (with their children), oldest first;
+    returns how many rows went and whether more may be left."""
+    row = session.execute(_DELETE, {**_args(status, cutoffs), "n": limit}).one()
+    return int(row.deleted), int(row.candidates) >= limit

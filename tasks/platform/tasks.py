@@ -45,11 +45,11 @@ def prune_jobs(self: JobTask, params: PruneJobs) -> dict[str, Any]:
         done = 0
         while True:
             with self.session() as session:
-                n = service.prune_batch(session, status, cutoffs, params.batch_size)
+                n, more = service.prune_batch(session, status, cutoffs, params.batch_size)
             done += n
             result.batches += 1
             self.progress(sum(result.deleted.values()) + done, status=status)
-            if n < params.batch_size:
+            if not more:
                 break
         result.deleted[status] = done
     with self.session() as session:

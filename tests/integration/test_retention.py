@@ -87,3 +87,41 @@ def test_prune_deletes_exactly_what_is_past_retention(db: psycopg.Connection,
     again = submit("platform.prune_jobs", {})
     wait_for_status(str(again.job["id"]), {"succeeded"}, timeout=60)
     assert len(_left(db, ids)) == 9
+
+
+def test_a_fan_out_goes_only_as_a_whole(db: psycopg.Connection, worker: Proc) -> None:
+    # given fan-outs whose members are past their own retention at different times: while
+    # a failed or dead member can still be retried (90 days), the parent may run again and
+    # read all its children back (`fan_out` returns them), so none of them may go alone
+    ids: dict[str, str] = {}
+    # a failed parent (retryable for 90 days) whose chunks succeeded 40 days ago
+    ids["failed_parent_40d"] = _job(db, "failed", 40)
+    ids["its_succeeded_child_40d"] = _job(db, "succeeded", 40, parent=ids["failed_parent_40d"])
+    # a succeeded parent with a failed chunk (retrying it reopens the parent) and a
+    # succeeded one
+    ids["succeeded_parent_40d"] = _job(db, "succeeded", 40)
+    ids["its_failed_child_40d"] = _job(db, "failed", 40, parent=ids["succeeded_parent_40d"])
+    ids["its_succeeded_sibling_40d"] = _job(db, "succeeded", 40,
+                                            parent=ids["succeeded_parent_40d"])
+    # a family every member of which is past its own retention
+    ids["dead_parent_95d"] = _job(db, "dead", 95)
+    ids["its_succeeded_child_35d"] = _job(db, "succeeded", 35, parent=ids["dead_parent_95d"])
+    ids["its_failed_child_91d"] = _job(db, "failed", 91, parent=ids["dead_parent_95d"])
+
+    # when the dry run counts and the prune runs
+    dry = submit("platform.prune_jobs", {"dry_run": True})
+    counted = wait_for_status(str(dry.job["id"]), {"succeeded", "failed", "dead"}, timeout=60)
+    assert counted["status"] == "succeeded", counted
+    job = submit("platform.prune_jobs", {"batch_size": 100})
+    row = wait_for_status(str(job.job["id"]), {"succeeded", "failed", "dead"}, timeout=60)
+    assert row["status"] == "succeeded", row
+
+    # then the families that may still run again are whole, and the one past every member's
+    # retention is gone, children with their parent
+    assert _left(db, ids) == {
+        "failed_parent_40d", "its_succeeded_child_40d",
+        "succeeded_parent_40d", "its_failed_child_40d", "its_succeeded_sibling_40d",
+    }
+    # and the counts include the children that went with their parent
+    assert counted["result"]["would_delete"]["dead"] >= 3  # type: ignore[index]
+    assert row["result"]["deleted"]["dead"] >= 3  # type: ignore[index]
