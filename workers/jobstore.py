@@ -590,8 +590,9 @@ def operator_retry(job_id: str | uuid.UUID) -> RowMapping:
     jid = _uuid(job_id)
     with session_scope() as s:
         row = s.execute(
+            # due from now (see workers/operator.py: queue age and wait count from here)
             text("UPDATE job_runs SET status='queued', attempts=0, published_at=NULL, "
-                 "delivered_at=NULL, next_attempt_at=NULL, finished_at=NULL, expires_at=NULL, "
+                 "delivered_at=NULL, next_attempt_at=now(), finished_at=NULL, expires_at=NULL, "
                  "manual_retries=manual_retries+1 WHERE id=:id AND status IN ('failed','dead') "
                  f"RETURNING {JOB_COLUMNS}"),
             {"id": jid},

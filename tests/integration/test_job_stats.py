@@ -102,3 +102,41 @@ def test_scrape_answers_when_its_fold_cannot_run(services: Services,
     # and the event is left for the next fold, which counts it
     stats.fold_all()
     assert stats.read().outcomes[(jtype, "succeeded", "")] == 2
+
+
+def test_an_operator_retry_waits_from_the_retry_not_from_the_jobs_creation(
+        services: Services, db: psycopg.Connection) -> None:
+    from workers import identity, jobstore, operator
+
+    # given jobs that went dead two days ago (one retried from the API/CLI, one by a
+    # migration's retry)
+    jtype = f"testing.retry_wait_{uuid.uuid4().hex[:6]}"
+    ids = []
+    for _ in range(2):
+        job_id = str(uuid.uuid4())
+        db.execute(
+            "INSERT INTO job_runs (id, type, params, status, attempts, max_attempts, "
+            "created_at, started_at, finished_at, error_code) VALUES (%s, %s, '{}', 'dead', "
+            "5, 5, now() - interval '2 days', now() - interval '2 days', "
+            "now() - interval '2 days', 'transient:X')", (job_id, jtype))
+        ids.append(job_id)
+
+    # when an operator retries them
+    operator.retry(ids[0], actor="test", reason="the dependency is back")
+    jobstore.operator_retry(ids[1])
+
+    # then each is due from the retry: the queue's oldest age is not two days
+    for job_id in ids:
+        row = db.execute("SELECT EXTRACT(EPOCH FROM now() - COALESCE(next_attempt_at, "
+                         "not_before, created_at)) FROM job_runs WHERE id = %s",
+                         (job_id,)).fetchone()
+        assert row is not None and float(row[0]) < 60, row
+
+    # and when a worker claims them, their queue wait is seconds, not two days
+    for job_id in ids:
+        claim = jobstore.claim(job_id, jtype, {}, identity.new_token(), "test:1", 5)
+        assert claim.action == "run", claim
+    stats.fold_all()
+    wait = stats.read().histograms["wait"][jtype]
+    assert wait.series(stats.WAIT_BUCKETS)[-1][1] == 2
+    assert wait.total < 60, wait.total
