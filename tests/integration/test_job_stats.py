@@ -140,3 +140,64 @@ def test_an_operator_retry_waits_from_the_retry_not_from_the_jobs_creation(
     wait = stats.read().histograms["wait"][jtype]
     assert wait.series(stats.WAIT_BUCKETS)[-1][1] == 2
     assert wait.total < 60, wait.total
+
+
+def test_a_parent_put_back_by_its_last_child_is_due_from_then(
+        services: Services, db: psycopg.Connection) -> None:
+    # given a parent that fanned out an hour ago and waits for its last child
+    parent, child = str(uuid.uuid4()), str(uuid.uuid4())
+    db.execute("INSERT INTO job_runs (id, type, params, status, created_at, started_at, "
+               "attempts, children_total, children_pending) VALUES (%s, 'testing.fan_parent', "
+               "'{}', 'waiting', now() - interval '1 hour', now() - interval '1 hour', 0, 1, 1)",
+               (parent,))
+    db.execute("INSERT INTO job_runs (id, type, params, status, attempts, started_at, "
+               "parent_id) VALUES (%s, 'testing.fan_chunk', '{}', 'running', 1, now(), %s)",
+               (child, parent))
+
+    # when the child ends
+    db.execute("UPDATE job_runs SET status = 'succeeded', finished_at = now() WHERE id = %s",
+               (child,))
+
+    # then the parent is queued, due now: the queue's oldest age is not its hour of children
+    row = db.execute("SELECT status, EXTRACT(EPOCH FROM now() - COALESCE(next_attempt_at, "
+                     "not_before, created_at)) FROM job_runs WHERE id = %s", (parent,)).fetchone()
+    assert row is not None and row[0] == "queued"
+    assert float(row[1]) < 60, row
+
+
+def test_a_run_whose_owner_died_is_timed_to_its_lease_not_to_its_outcome(
+        services: Services, db: psycopg.Connection) -> None:
+    from workers import jobstore
+
+    # given a run started an hour ago whose worker died: its lease lapsed 50 minutes ago,
+    # and nobody could take it over (its type was removed in a deploy)
+    jtype = f"testing.lapsed_{uuid.uuid4().hex[:6]}"
+    job_id = str(uuid.uuid4())
+    db.execute("INSERT INTO job_runs (id, type, params, status, attempts, epoch, owner, "
+               "started_at, lease_expires_at) VALUES (%s, %s, '{}', 'running', 1, 1, 'gone', "
+               "now() - interval '1 hour', now() - interval '50 minutes')", (job_id, jtype))
+
+    # when a worker records it failed (unknown type)
+    assert jobstore.fail_unknown_type(job_id, jtype, "test:1")
+
+    # then its run time is the ten minutes it can have run, not the hour until its outcome
+    stats.fold_all()
+    run = stats.read().histograms["run"][jtype]
+    assert run.series(stats.RUN_BUCKETS)[-1][1] == 1
+    assert 590 < run.total < 700, run.total
+
+
+def test_a_message_adopted_as_failed_is_counted(services: Services) -> None:
+    from workers import identity, jobstore
+
+    # given a message sent past the enqueue path (`celery call`) whose params are no object
+    jtype = f"testing.adopted_{uuid.uuid4().hex[:6]}"
+
+    # when a worker receives it: the job is recorded failed, never run
+    claim = jobstore.claim(str(uuid.uuid4()), jtype, ["not", "an", "object"],
+                           identity.new_token(), "test:1", 5)
+    assert claim.action == "final" and claim.status == "failed", claim
+
+    # then its outcome is counted like any other
+    stats.fold_all()
+    assert stats.read().outcomes.get((jtype, "failed", "invalid_params")) == 1
