@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from celery.schedules import crontab
+
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,14 @@ class Entry:
     expires: int
     slot_format: str
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The name is the first `:`-separated part of its jobs' idempotency keys (the job
+        # event trigger reads the entry back with split_part(key, ':', 1)), and it is quoted
+        # into the generated PromQL selector {entry="..."}: letters, digits, `.`, `_`, `-`.
+        if not _ENTRY_NAME.fullmatch(self.name):
+            raise ValueError(f"schedule entry name {self.name!r}: use letters, digits, '.', "
+                             "'_' and '-' only (at most 100), never ':'")
 
     @property
     def period(self) -> float:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from schedules import SCHEDULE
+from schedules import SCHEDULE, Entry
 from tests.conftest import ROOT
 from workers import alerts
 
@@ -89,3 +89,14 @@ def test_promtool_checks_the_rules() -> None:
 def test_promtool_unit_tests_of_the_alerts_pass() -> None:
     done = _promtool("test", "rules", "alerts.test.yml")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", ["nightly:audit", 'say"hi', "", "a" * 101])
+def test_an_entry_name_that_would_break_its_key_or_its_rule_is_refused(name: str) -> None:
+    # the job event trigger reads the entry back from its jobs' keys `<entry>:<slot>` with
+    # split_part(key, ':', 1), and the generated rule quotes it into {entry="..."}: a ':'
+    # would file its successes under another name (its alert firing for ever), a quote
+    # would break the rules file
+    with pytest.raises(ValueError, match="schedule entry name"):
+        Entry(name=name, task="platform.ping", cron={"minute": "0"}, expires=60,
+              slot_format="%Y-%m-%dT%H")
