@@ -81,8 +81,11 @@ def main() -> int:
 
             for line in backup.run(svc, backup_characters, backup_rounds):
                 print(line, flush=True)
-            for line in verify.run(svc, backup_rounds):
-                print(line, flush=True)
+            try:
+                for line in verify.run(svc, backup_rounds):
+                    print(line, flush=True)
+            finally:
+                backup.stop_worker()
         if only in ("", "audit"):
             from bench import audit, validation
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.services import Services, start_worker
+from bench.services import Proc, Services, start_worker
 
 DEFAULT_CHARACTERS = 1_000_000  # the issue's data set
 
@@ -91,10 +91,25 @@ def job_dump() -> tuple[float, float, dict[str, Any]]:
     return job_seconds(row), time.monotonic() - started, dict(row["result"])
 
 
+_worker: Proc | None = None
+
+
+def stop_worker() -> None:
+    """Stop the worker run() started (bench/verify.py used it too)."""
+    global _worker
+    if _worker is not None:
+        _worker.stop()
+        _worker = None
+
+
 def run(svc: Services, characters: int, rounds: int) -> list[str]:
     """The backup ratio line and its details."""
     data = ensure_dataset(characters)
-    start_worker(svc, 1)
+    # Kept for bench/verify.py, then stopped by __main__ (stop_worker): a worker left
+    # running on this database would take the later benches' messages from the shared
+    # queue (its claims find no row there and adopt them in the wrong database).
+    global _worker
+    _worker = start_worker(svc, 1)
     bare: list[float] = []
     ours: list[float] = []
     walls: list[float] = []

@@ -173,6 +173,41 @@ ST_RULE = "st_relationship_unique"
 ST_KEY_SQL = ", ".join(rules.ST_RELATIONSHIP_KEY)
 
 
+def scenes_broken_sql() -> str:
+    """SQL true when a scenes row is in any state of check 8 (finding or report)."""
+    return "(" + " OR ".join(r.sql for r in SCENE_RULES) + ")"
+
+
+@dataclass(frozen=True)
+class ViolationIndex:
+    """A partial index of the rows breaking any rule of a table: PostgreSQL evaluates the
+    rules at every write of a row, so the audit reads the offenders from the index instead
+    of evaluating ~35 predicates on every row (docs/adr/0011). `tag` (the index's comment)
+    names the predicate it was built with; an index built for other rules is not used."""
+
+    table: str
+    name: str
+    predicate: str
+
+    @property
+    def tag(self) -> str:
+        return predicate_tag(self.predicate)
+
+
+def predicate_tag(predicate: str) -> str:
+    """`warden-rules:<hash of the predicate>`, the comment a violation index carries."""
+    import hashlib
+
+    return "warden-rules:" + hashlib.sha256(predicate.encode()).hexdigest()[:16]
+
+
+VIOLATION_INDEXES: dict[str, ViolationIndex] = {
+    "characters": ViolationIndex("characters", "ix_characters_broken",
+                                 any_broken_sql(CHARACTER_RULES)),
+    "scenes": ViolationIndex("scenes", "ix_scenes_broken", scenes_broken_sql()),
+}
+
+
 # -- validation: the same character rules in Python, plus the cross-row rules ------------------
 
 @dataclass(frozen=True)

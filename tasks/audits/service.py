@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,18 +135,53 @@ class _Steps:
             self.report(self.done, self.total, what)
 
 
+def violation_index_ready(session: Session, index: checks.ViolationIndex) -> bool:
+    """Whether the table's violation index exists, is valid and was built for the current
+    rules (its comment carries their predicate's tag). Otherwise the scan reads the table."""
+    tag = session.execute(
+        text("SELECT obj_description(i.indexrelid, 'pg_class') FROM pg_index i "
+             "JOIN pg_class c ON c.oid = i.indexrelid "
+             "WHERE c.relname = :name AND c.relnamespace = current_schema()::regnamespace "
+             "AND i.indisvalid AND i.indisready"),
+        {"name": index.name}).scalar()
+    return bool(tag == index.tag)
+
+
+@contextmanager
+def _from_violation_index(session: Session, table: str) -> Iterator[bool]:
+    """Within the block, the planner reads `table`'s offenders from its violation index
+    when it is ready (a serial index scan of a few thousand entries; the row estimates of
+    ~35 OR-ed predicates would otherwise lead it to a full scan). Yields whether it does."""
+    ready = violation_index_ready(session, checks.VIOLATION_INDEXES[table])
+    if not ready:
+        yield False
+        return
+    saved = session.execute(text(
+        "SELECT current_setting('enable_seqscan'), "
+        "current_setting('max_parallel_workers_per_gather')")).one()
+    session.execute(text("SELECT set_config('enable_seqscan', 'off', true), "
+                         "set_config('max_parallel_workers_per_gather', '0', true)"))
+    try:
+        yield True
+    finally:
+        session.execute(text("SELECT set_config('enable_seqscan', :a, true), "
+                             "set_config('max_parallel_workers_per_gather', :b, true)"),
+                        {"a": saved[0], "b": saved[1]})
+
+
 def _scan_characters(session: Session, selected: Sequence[checks.CharacterRule]) -> None:
-    """One pass over characters: every row breaking any selected rule, with the positions
-    (in `selected`) of the rules it breaks, into a temp table. CREATE TABLE AS may run as a
-    parallel scan, INSERT ... SELECT may not."""
+    """Every row breaking any selected rule, with the positions (in `selected`) of the rules
+    it breaks, into a temp table: from the violation index when it is ready (PostgreSQL
+    evaluated every rule when each row was written), else one pass over the table."""
     columns = ", ".join(checks.CHECK_COLUMNS)
     broken = ", ".join(f"CASE WHEN {r.sql} THEN {i} END" for i, r in enumerate(selected))
     session.execute(text("DROP TABLE IF EXISTS audit_scan"))
-    session.execute(text(
-        f"CREATE TEMP TABLE audit_scan ON COMMIT DROP AS SELECT id, {columns}, "
-        f"array_remove(ARRAY[{broken}], NULL) AS broken "
-        f"FROM characters WHERE {checks.any_broken_sql(selected)}"
-    ))
+    with _from_violation_index(session, "characters"):
+        session.execute(text(
+            f"CREATE TEMP TABLE audit_scan ON COMMIT DROP AS SELECT id, {columns}, "
+            f"array_remove(ARRAY[{broken}], NULL) AS broken "
+            f"FROM characters WHERE {checks.any_broken_sql(selected)}"
+        ))
 
 
 def _fix_characters(session: Session, run_id: int,
@@ -250,13 +286,13 @@ def _scan_st(session: Session) -> None:
         f"SELECT id, {key}, min(id) OVER (PARTITION BY {key}) AS keep "
         "FROM st_relationships) s WHERE id <> keep"
     ))
-    _analyze(session, "audit_st_scan")
 
 
 def _fix_st(session: Session, run_id: int) -> None:
     """Lock every row of the duplicated triples (keepers too) in id order, find the
     duplicates again among the rows as they are now, delete them, record each row."""
     key = checks.ST_KEY_SQL
+    _analyze(session, "audit_st_scan")  # the IN below needs its row count
     session.execute(text("DROP TABLE IF EXISTS audit_st_locked"))
     session.execute(text(
         f"CREATE TEMP TABLE audit_st_locked ON COMMIT DROP AS SELECT s.* FROM st_relationships s "
@@ -307,14 +343,18 @@ def _store_scene_findings(session: Session, run_id: int, fix: bool) -> None:
         for r in checks.SCENE_RULES
     )
     outcome = "CASE WHEN f.level = 'finding' THEN 'unfixable' END" if fix else "NULL"
-    any_rule = " OR ".join(r.sql for r in checks.SCENE_RULES)
+    with _from_violation_index(session, "scenes"):
+        _insert_scene_findings(session, run_id, values, outcome)
+
+
+def _insert_scene_findings(session: Session, run_id: int, values: str, outcome: str) -> None:
     session.execute(text(f"""
         INSERT INTO audit_findings (run_id, check_name, rule, level, entity, entity_id, field,
                                     value, expected, fix, fixable, outcome)
         SELECT :run, :check, f.rule, f.level, 'scene', s.id, 'xp_given',
                jsonb_build_object('finished', s.finished, 'xp_given', s.xp_given),
                f.expected, NULL, false, {outcome}
-        FROM (SELECT id, finished, xp_given FROM scenes WHERE {any_rule}) s
+        FROM (SELECT id, finished, xp_given FROM scenes WHERE {checks.scenes_broken_sql()}) s
         CROSS JOIN LATERAL (VALUES {values}) f(bad, rule, level, expected)
         WHERE f.bad
         ORDER BY s.id

@@ -70,3 +70,17 @@ def test_migrations_downgrade_and_upgrade_cleanly(services: object) -> None:
     finally:
         with pg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{fresh.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def test_violation_indexes_are_built_for_the_current_rules(services: object) -> None:
+    # the audit reads offenders from these partial indexes only while their predicate is
+    # domain.checks' current one; a change of the rules needs a migration rebuilding them
+    from domain import checks
+    from tasks.audits.service import violation_index_ready
+    from workers.db import session_scope
+
+    with session_scope() as s:
+        for ix in checks.VIOLATION_INDEXES.values():
+            assert violation_index_ready(s, ix), (
+                f"{ix.name} was built for other rules: write a migration that rebuilds it "
+                f"with domain.checks.VIOLATION_INDEXES[{ix.table!r}] and comments it {ix.tag}")
