@@ -4,7 +4,8 @@ The job table is seeded set-based as bench/job_table.py seeds it (a month of fin
 with the unfinished ones of a busy platform, scaled), the statistics summary holds a month
 of outcomes for ten types, and the API runs with WARDEN_METRICS_CACHE_SECONDS=0 so that
 every scrape reads Postgres and Redis (the production cache of 5 s would hide the cost).
-The figure is the median wall time of a full HTTP scrape from this process.
+The figure is the median wall time of a full HTTP scrape from this process, in a steady
+state: the events of the seeded history are dropped, not folded (see run()).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def run(svc: Services, big_rows: int = 10_000_000) -> Iterator[str]:
     for label, rows in (("small", small_rows), ("big", big_rows)):
         svc.sql("TRUNCATE job_runs")
         job_table.seed(svc.database_url, rows)
+        # The seeded history is inserted already finished, and the insert trigger makes an
+        # event of each row: ~10M pending events, which no running platform has (the relay
+        # folds them every pass). A scrape folds at most a bounded batch (workers/metrics.py)
+        # and would measure that instead; the summary already holds a month (_seed_stats).
+        svc.sql("TRUNCATE job_events")
         n = _rows(svc)
         times = _scrape_times(url)
         medians[label] = (n, statistics.median(times), max(times))
