@@ -7,66 +7,21 @@ and are written to the operator log in the same transaction as the change.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_stub.auth import require
 from api_stub.contract import links
 from api_stub.schemas import REASON_PATTERN
 from tasks.data_migrations import service
-from workers import jobstore, metrics, oplog
+from workers import jobstore, oplog
 from workers.db import session_scope
 from workers.enqueue import publish, submit
 from workers.tokens import Principal
 
 router = APIRouter(prefix="/v1/migrations", tags=["data migrations"])
-
-
-class MigrationCollector(Collector):
-    """`warden_data_migration{name,status}` (1 for the current status) and its rows done and
-    total, read from the state table at scrape time (cached 5 s, as the job gauges are)."""
-
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.ttl = ttl
-        self._cache: tuple[float, list[dict[str, Any]]] | None = None
-        self._lock = threading.Lock()
-
-    def _read(self) -> list[dict[str, Any]]:
-        with self._lock:
-            if self._cache is None or self._cache[0] < time.monotonic():
-                with session_scope() as s:
-                    self._cache = (time.monotonic() + self.ttl, service.list_migrations(s))
-            return self._cache[1]
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            rows = self._read()
-        except Exception:  # database down: /readyz says so; metrics stay scrapeable
-            return
-        status = GaugeMetricFamily("warden_data_migration", "Data migrations by status (1)",
-                                   labels=["name", "status"])
-        done = GaugeMetricFamily("warden_data_migration_rows_done",
-                                 "Rows the current pass has done", labels=["name"])
-        total = GaugeMetricFamily("warden_data_migration_rows_total",
-                                  "Rows the current pass will visit", labels=["name"])
-        for m in rows:
-            status.add_metric([m["name"], m["status"]], 1)
-            done.add_metric([m["name"]], m["rows_done"])
-            total.add_metric([m["name"]], m["rows_total"] or 0)
-        yield from (status, done, total)
-
-
-metrics.REGISTRY.register(MigrationCollector())
-
-
-
 
 class Reason(BaseModel):
     model_config = ConfigDict(extra="forbid")

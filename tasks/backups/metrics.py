@@ -11,7 +11,6 @@ the age alert says so from its first day.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily
@@ -20,7 +19,7 @@ from sqlalchemy import text
 
 from schedules import SCHEDULE
 from workers.db import session_scope
-from workers.metrics import REGISTRY
+from workers.metrics import REGISTRY, Cached
 from workers.settings import get_settings
 
 CREATE_TASK = "backup.create"
@@ -43,27 +42,22 @@ def schedule_period() -> float | None:
     return entry.period if entry is not None else None
 
 
+def _read() -> tuple[float | None, float | None, float | None]:
+    with session_scope() as s:
+        row = s.execute(_NEWEST).one()
+    success, verified, restore = (None if v is None else float(v) for v in row)
+    return success, verified, restore
+
+
 class BackupCollector(Collector):
     """Newest successful and newest verified backup, and that one's restore time."""
 
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.ttl = ttl
-        self._cache: tuple[float, tuple[float | None, float | None, float | None]] | None = None
-        self._lock = threading.Lock()
+    def __init__(self) -> None:
+        self._values = Cached(_read)
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Registration must not query the database (the API may start before it is up).
         yield from self._families((None, None, None))
-
-    def _read(self) -> tuple[float | None, float | None, float | None]:
-        with self._lock:
-            if self._cache and self._cache[0] > time.monotonic():
-                return self._cache[1]
-            with session_scope() as s:
-                row = s.execute(_NEWEST).one()
-            values = tuple(None if v is None else float(v) for v in row)
-            self._cache = (time.monotonic() + self.ttl, values)  # type: ignore[assignment]
-            return values  # type: ignore[return-value]
 
     def _families(self, values: tuple[float | None, float | None, float | None]
                   ) -> Iterator[GaugeMetricFamily]:
@@ -94,7 +88,7 @@ class BackupCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            values = self._read()
+            values = self._values.get()
         except Exception:  # database down or table missing: other alerts say so
             return
         yield from self._families(values)
