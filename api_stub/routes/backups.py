@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from starlette.concurrency import run_in_threadpool
 
-import tasks.backups.metrics  # noqa: F401 - registers the backup gauges on /metrics
 from api_stub.auth import require
 from api_stub.contract import links
 from tasks.backups import service

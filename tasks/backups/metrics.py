@@ -10,7 +10,6 @@ the age alert says so from its first day.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily
@@ -94,17 +93,4 @@ class BackupCollector(Collector):
         yield from self._families(values)
 
 
-_registered = False
-_register_lock = threading.Lock()
-
-
-def register() -> None:
-    """Add the collector to workers.metrics.REGISTRY once per process."""
-    global _registered
-    with _register_lock:
-        if not _registered:
-            REGISTRY.register(BackupCollector())
-            _registered = True
-
-
-register()
+REGISTRY.register(BackupCollector())
