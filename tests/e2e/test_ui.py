@@ -223,14 +223,20 @@ def _submit(driver: Any, form_css: str, **fields: str) -> None:
 
 def _wait_text(driver: Any, needle: str, timeout: float = 10) -> str:
     """The page's text once it has `needle` (after a submit the old page may be read while
-    the new one loads: its elements go stale, and the next look reads the new page)."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    the new one loads: its elements go stale, or the new one has no body yet, and the next
+    look reads the new page)."""
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             body = _text(driver)
-        except StaleElementReferenceException:
+        except (StaleElementReferenceException, NoSuchElementException):
+            # between two documents there may be no <body> yet
+            time.sleep(0.05)
             continue
         if needle in body:
             return body
