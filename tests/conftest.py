@@ -37,6 +37,9 @@ TEST_SETTINGS = {
     "WARDEN_TOKEN_CACHE_SECONDS": "0",
     "WARDEN_EXTRA_TASK_MODULES": '["tests.support.tasks"]',
     "WARDEN_LOG_LEVEL": "INFO",
+    # A worker that does not know a type fails it at once (tests of a rolling deploy set
+    # their own grace).
+    "WARDEN_UNKNOWN_TYPE_GRACE": "0",
 }
 
 
@@ -253,8 +256,9 @@ def start_api(services: Services, *, env: dict[str, str] | None = None) -> tuple
 
 @pytest.fixture(scope="session")
 def worker(services: Services) -> Iterator[Proc]:
-    """One shared worker for tests that only need jobs to run."""
-    proc = start_worker(services, "shared")
+    """One shared worker for tests that only need jobs to run (it adopts bare `celery call`
+    messages, as a deployment that allows them does)."""
+    proc = start_worker(services, "shared", env={"WARDEN_ADOPT_BARE_MESSAGES": "true"})
     yield proc
     proc.stop()
 

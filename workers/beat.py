@@ -16,6 +16,7 @@ from celery.schedules import crontab
 from redbeat import RedBeatScheduler, RedBeatSchedulerEntry
 
 from schedules import SCHEDULE, Entry
+from workers.enqueue import submit
 from workers.settings import get_settings
 
 log = structlog.get_logger("warden.beat")
@@ -65,8 +66,6 @@ class WardenScheduler(RedBeatScheduler):
 
     def apply_async(self, entry: RedBeatSchedulerEntry, producer: Any = None,
                     advance: bool = True, **_: Any) -> Any:
-        from workers.enqueue import submit
-
         spec = next((e for e in SCHEDULE if e.name == entry.name), None)
         if spec is None:  # an entry added by hand in Redis: fire it the plain way
             return super().apply_async(entry, producer, advance, **_)

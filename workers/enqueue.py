@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -22,9 +23,10 @@ import structlog
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from workers import jobstore
-from workers.app import app, registered_job_tasks
+from workers import deployment, jobstore
+from workers.celery_app import app, job_types
 from workers.db import autocommit, session_scope
+from workers.errors import JobError
 from workers.metrics import JOBS_SUBMITTED
 from workers.settings import get_settings
 
@@ -55,22 +57,27 @@ class IdempotencyConflict(ValueError):
     """The key was already used for a different job (another type or other params)."""
 
 
+class ReservedKey(IdempotencyConflict):
+    """The key has the shape of a fan-out child's (`<parent job id>:<n>`): reserved, so no
+    producer can take a child's key before its parent fans out (review N8)."""
+
+
+# A fan-out child's idempotency key: its parent's id and its position.
+CHILD_KEY = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}:\d+$")
+
+
+class FanOutKeyTaken(JobError):
+    """A child's key is held by a job that is not this parent's child (made before the key
+    shape was reserved): the parent fails visibly instead of waiting for ever."""
+
+    code = "fan_out_key_taken"
+
+
 @dataclass(frozen=True)
 class Submitted:
     job: Mapping[Any, Any]
     created: bool
     published: bool
-
-
-_catalogue: dict[str, Any] | None = None
-
-
-def job_types() -> dict[str, Any]:
-    """Registered job types (cached: the registry does not change while a process runs)."""
-    global _catalogue
-    if _catalogue is None:
-        _catalogue = registered_job_tasks()
-    return _catalogue
 
 
 def validate(job_type: str, params: dict[str, Any] | None) -> BaseModel:
@@ -116,6 +123,9 @@ def prepare(
 ) -> Prepared:
     """Validate params and build the row; raises UnknownJobType, ValidationError or
     UnstorableParams (all the client's to fix)."""
+    if idempotency_key is not None and source != "fan-out" and CHILD_KEY.match(idempotency_key):
+        raise ReservedKey(f"idempotency key {idempotency_key!r} has the shape <job id>:<n>, "
+                          "reserved for the children of a fanned-out job")
     if countdown is not None and not 0 <= countdown <= MAX_COUNTDOWN:
         raise InvalidCountdown(f"countdown must be between 0 and {MAX_COUNTDOWN} seconds")
     model = validate(job_type, params)
@@ -249,6 +259,7 @@ def publish(job_id: uuid.UUID | str, job_type: str, params: dict[str, Any],
             countdown=countdown if countdown and countdown > 0 else None,
             retry=True,
             retry_policy=PUBLISH_POLICY,
+            headers=deployment.stamp(),
         )
     except Exception as exc:  # any broker failure: the relay will publish it later
         _breaker.trip()
@@ -263,12 +274,13 @@ def publish_many(jobs: Iterable[tuple[uuid.UUID, str, dict[str, Any]]]) -> list[
     the ids sent before the first failure. The caller marks them published."""
     sent: list[uuid.UUID] = []
     try:
+        headers = deployment.stamp()
         with app.producer_or_acquire() as producer:
             for job_id, job_type, params in jobs:
                 app.send_task(job_type, kwargs={"params": params if isinstance(params, dict)
                                                 else {}},
                               task_id=str(job_id), producer=producer, retry=True,
-                              retry_policy=PUBLISH_POLICY)
+                              retry_policy=PUBLISH_POLICY, headers=headers)
                 sent.append(job_id)
     except Exception as exc:  # broker down: the rest waits for the next pass
         log.warning("relay.publish_failed", sent=len(sent), error=f"{type(exc).__name__}: {exc}")
@@ -395,9 +407,14 @@ def fan_out_children(parent_id: str, epoch: int,
             s.rollback()
             return None
         conn = s.connection()
-        for p in prepared:
-            conn.exec_driver_sql(
-                INSERT_CHILD, {**p.row_params, "parent": uuid.UUID(parent_id)})
+        inserted = sum(
+            conn.exec_driver_sql(INSERT_CHILD, {**p.row_params, "parent": uuid.UUID(parent_id)}
+                                 ).rowcount for p in prepared)
+        if inserted != len(prepared):
+            # Counted children that do not exist would leave the parent waiting for ever.
+            s.rollback()
+            raise FanOutKeyTaken(f"{len(prepared) - inserted} of {len(prepared)} child keys "
+                                 f"({parent_id}:<n>) belong to jobs that are not its children")
     for p in prepared:
         publish(p.row_params["id"], p.job_type, p.clean)
     return [p.row_params["id"] for p in prepared]

@@ -20,11 +20,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import redis
 import sqlalchemy.exc
@@ -35,8 +35,9 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
-from workers import identity, jobstore
+from workers import deployment, identity, jobstore
 from workers.db import get_sessionmaker, session_scope
+from workers.enqueue import fan_out_children, publish
 from workers.errors import JobError, OwnershipLost, TransientError
 from workers.settings import get_settings
 
@@ -109,17 +110,27 @@ class Heartbeat:
             if self._runs.get(run.job_id) is run:
                 del self._runs[run.job_id]
 
+    # After a failed heartbeat the next try comes this soon (not a third of the TTL later):
+    # once the database is back, the lease is renewed before anyone may take the job over.
+    RETRY_AFTER_ERROR = 0.5
+
     def _loop(self) -> None:
+        wait = get_settings().lease_ttl / 3
         while True:
-            time.sleep(get_settings().lease_ttl / 3)
+            time.sleep(wait)
+            wait = get_settings().lease_ttl / 3
             with self._lock:
                 runs = list(self._runs.values())
             if not runs:
                 continue
             try:
                 alive = jobstore.heartbeat((r.job_id, r.epoch) for r in runs)
-            except Exception as exc:  # database away: the lease gives us slack; try again
+            except Exception as exc:
+                # Database away (a restart, a failover): the run goes on; its lease may
+                # lapse, but nobody takes a lapsed job over before WARDEN_RELAY_LOST_AFTER
+                # unless its owner is proven dead, and the renewal below restores it.
                 log.warning("job.heartbeat_failed", error=describe(exc))
+                wait = min(wait, self.RETRY_AFTER_ERROR)
                 continue
             for run in runs:
                 if run.job_id not in alive and not run.completed and not run.pending_complete:
@@ -138,12 +149,30 @@ class JobTask(Task):
     `singleton=True` allows one running job of the type at a time."""
 
     abstract = True
+    # How workers.celery_app.registered_job_tasks tells a job task (it imports nothing above
+    # the Celery app).
+    warden_job: ClassVar[bool] = True
     typing = False  # arguments are validated against `params`, not the signature
     max_retries = None  # Celery's retry machinery is not used (see the module docstring)
     params: ClassVar[type[BaseModel] | None] = None
     singleton: ClassVar[bool] = False
     max_attempts: ClassVar[int | None] = None
+    # Who may submit it (workers/scopes.py checks it wherever a principal submits): the API
+    # token scope the type needs, and params that raise it to admin (any of them with the
+    # value named here, e.g. {"fix": True}). Destructive and operator types say "admin".
+    scope: ClassVar[str] = "enqueue"
+    admin_when: ClassVar[dict[str, Any] | None] = None
     _local = threading.local()
+
+    @classmethod
+    def required_scope(cls, params: BaseModel | Mapping[str, Any] | None = None) -> str:
+        """The scope submitting this type with these params needs; without params, the
+        scope it needs whatever the params are."""
+        if cls.scope == "admin" or not cls.admin_when or params is None:
+            return cls.scope
+        values = params.model_dump() if isinstance(params, BaseModel) else params
+        raised = any(k in values and values[k] == v for k, v in cls.admin_when.items())
+        return "admin" if raised else cls.scope
 
     # -- what a task body uses ----------------------------------------------------------------
 
@@ -267,8 +296,6 @@ class JobTask(Task):
         if total:  # delivered while children still run (a stray duplicate): wait again
             self._suspend(run)
             return jobstore.children(run.job_id)  # the last child ended meanwhile
-        from workers.enqueue import fan_out_children
-
         specs = build()
         if not specs:
             return []
@@ -340,23 +367,42 @@ class JobTask(Task):
         settings = get_settings()
         worker = _worker_name(self.request)
         owner = identity.new_token()
+        stamp = _stamp_of(self.request)
         try:
+            mine = deployment.identity()
+            if stamp is not None and stamp != mine:
+                # Accepted into another database (a CLI pointed at a restored copy, another
+                # stack on this Redis): running it here would act on the wrong data.
+                log.error("job.wrong_deployment", stamped=stamp, this_deployment=mine)
+                raise Reject(f"message for deployment {stamp}, this is {mine}",
+                             requeue=False)
             claim = jobstore.claim(job_id, self.name, raw, owner, worker,
                                    self.max_attempts or settings.max_attempts,
-                                   singleton=self.singleton)
+                                   singleton=self.singleton,
+                                   adopt=stamp is None and settings.adopt_bare_messages)
         except jobstore.RETRYABLE_DB_ERRORS as exc:
             # Postgres unreachable past the retry budget: the message must come back.
             log.error("job.claim_failed", error=describe(exc))
             time.sleep(min(5.0, backoff(1)))
             raise Reject(exc, requeue=True) from exc
-        except Exception as exc:
-            # Deterministic (a task id that is no job id, a bug): requeueing would loop
-            # for ever. Drop this copy, loudly; a job with a row is re-sent by the relay's
-            # backstop (never delivered), at its own pace.
-            log.exception("job.claim_error", error=describe(exc))
+        except sqlalchemy.exc.DBAPIError as exc:
+            # An error the database gave this claim that no retry on a fresh connection
+            # cures (a bug, a server that lacks a feature): never drop what may be the only
+            # copy of the message. Sent again later, loudly, every time.
+            log.error("job.claim_error", error=describe(exc), exc_info=True)
+            self._later(job_id, raw, settings.relay_lost_after, defer=False, exc=exc,
+                        requeue_if_unsent=True)
+        except ValueError as exc:
+            # A task id that is no job id: no row can ever match it; requeueing would loop.
+            log.error("job.claim_error", error=describe(exc))
             raise Reject(exc, requeue=False) from exc
         if claim.idempotency_key:
             structlog.contextvars.bind_contextvars(idempotency_key=claim.idempotency_key)
+        if claim.action == "foreign":
+            log.error("job.refused_bare_message", stamped=stamp,
+                      hint="no job row: sent past the enqueue path or for another database; "
+                           "WARDEN_ADOPT_BARE_MESSAGES=true adopts bare `celery call` messages")
+            raise Reject("no job row for this message", requeue=False)
         if claim.action == "done":
             log.info("job.duplicate_delivery_skipped")
             return claim.result
@@ -382,11 +428,11 @@ class JobTask(Task):
             _heartbeat.discard(run)
 
     def _later(self, job_id: str, raw: Any, delay: float, *, defer: bool,
-               exc: BaseException | None = None) -> None:
+               exc: BaseException | None = None, requeue_if_unsent: bool = False) -> NoReturn:
         """Deliver this job again in `delay` s: the row says so first (so the relay sends it
-        if this send fails), then the delayed message; ends this delivery as a retry."""
-        from workers.enqueue import publish
-
+        if this send fails), then the delayed message; ends this delivery as a retry.
+        `requeue_if_unsent`: nothing in the row says so (a claim that failed), so if the
+        send fails this copy goes back to the queue instead of being acked."""
         if defer:
             try:
                 jobstore.defer(job_id, delay)
@@ -395,7 +441,10 @@ class JobTask(Task):
                 time.sleep(min(5.0, delay))
                 raise Reject(err, requeue=True) from err
         params = raw if isinstance(raw, dict) else {}
-        publish(job_id, self.name, params, countdown=delay, force=True)
+        if not publish(job_id, self.name, params, countdown=delay, force=True) \
+                and requeue_if_unsent:
+            time.sleep(min(5.0, delay))
+            raise Reject("the delayed copy could not be sent", requeue=True)
         raise Retry(f"again in {delay:.1f}s", exc, when=delay)
 
     def _execute(self, run: Run, raw: Any) -> Any:
@@ -500,6 +549,15 @@ def describe(exc: BaseException) -> str:
         first = (str(inner).strip().splitlines() or [""])[0]
         return f"{type(inner).__name__}: {first}"[:2000]
     return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _stamp_of(request: Any) -> str | None:
+    """The deployment a message was stamped for (None: a bare `celery call`, or a message
+    from before stamping)."""
+    value = getattr(request, deployment.STAMP_HEADER, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(deployment.STAMP_HEADER)
+    return str(value) if value else None
 
 
 def _worker_name(request: Any) -> str:

@@ -101,11 +101,18 @@ class Claim:
 # cancelled by it: its work is under way, and a beat entry's next slot would not finish it.
 _EXPIRED = ("(started_at IS NULL AND status <> 'running' AND expires_at IS NOT NULL "
             "AND expires_at < now())")
+# A takeover of a lapsed run from an owner that could not be proven dead (another host, a
+# database outage that stopped its heartbeats) does not spend the job's last attempt: the
+# owner may well be healthy. It is counted in `lapses` instead; past this many, the job is
+# dead (a job that kills every worker it lands on must still end).
+MAX_LAPSES = 3
 _CLAIM_SET = (
     "UPDATE job_runs SET "
     f"status = CASE WHEN {_EXPIRED} THEN 'cancelled' ELSE 'running' END, "
-    f"attempts = attempts + CASE WHEN {_EXPIRED} OR owner IS NOT DISTINCT FROM :o "
-    "THEN 0 ELSE 1 END, "
+    f"attempts = attempts + CASE WHEN {_EXPIRED} OR owner IS NOT DISTINCT FROM :o THEN 0 "
+    "  WHEN status = 'running' AND attempts >= max_attempts THEN 0 ELSE 1 END, "
+    "lapses = lapses + CASE WHEN status = 'running' AND owner IS DISTINCT FROM :o "
+    "  AND attempts >= max_attempts THEN 1 ELSE 0 END, "
     "epoch = epoch + CASE WHEN owner IS NOT DISTINCT FROM :o THEN 0 ELSE 1 END, "
     f"lease_expires_at = CASE WHEN {_EXPIRED} THEN NULL "
     "ELSE now() + make_interval(secs => :ttl) END, "
@@ -117,38 +124,52 @@ _CLAIM_SET = (
     "owner = :o, worker = :w, next_attempt_at = NULL, delivered_at = now(), "
     "published_at = COALESCE(published_at, now()) "
 )
+# A lease that lapsed this long ago (WARDEN_RELAY_LOST_AFTER) belongs to an owner that is
+# gone or cut off for good; a shorter lapse may be a database outage its owner rides out
+# (its heartbeat resumes), so only an owner proven dead (same kernel, pid gone: `_TAKEOVER`)
+# is taken over sooner.
+_LAPSED_LONG = ("COALESCE(lease_expires_at, '-infinity') "
+                "< now() - make_interval(secs => :lost)")
 # Claimable: queued or retrying within the budget; running and already ours (a retried
-# claim whose answer was lost); running whose lease lapsed (its owner is gone or stalled).
+# claim whose answer was lost); running whose lease lapsed long ago (see _LAPSED_LONG).
 _CLAIMABLE = (
     "((status IN ('queued', 'retrying') AND attempts < max_attempts "
     # A copy of the message that arrives before the job is due (a requeue, a restore) does
     # not run it early: the backoff holds, and no attempt is spent.
     "  AND COALESCE(next_attempt_at, not_before, '-infinity') <= now() + interval '1 second') "
     " OR (status = 'running' AND owner = :o) "
-    " OR (status = 'running' AND attempts < max_attempts "
-    "     AND COALESCE(lease_expires_at, '-infinity') < now()))"
+    f" OR (status = 'running' AND {_LAPSED_LONG} "
+    "     AND (attempts < max_attempts OR lapses < :max_lapses)))"
 )
 _RETURNING = "RETURNING status, attempts, max_attempts, epoch, idempotency_key"
 _CLAIM = text(f"{_CLAIM_SET} WHERE id = :id AND {_CLAIMABLE} {_RETURNING}")
+# Any running job of the type blocks the claim: one whose lease lapsed is either fenced
+# just before (its owner is proven dead or lapsed long ago) or may still be alive.
 _CLAIM_SINGLETON = text(
     f"{_CLAIM_SET} WHERE id = :id AND {_CLAIMABLE} AND NOT EXISTS ("
-    "  SELECT 1 FROM job_runs o WHERE o.type = :t AND o.status = 'running' AND o.id <> :id "
-    f"  AND o.lease_expires_at > now()) {_RETURNING}"
+    "  SELECT 1 FROM job_runs o WHERE o.type = :t AND o.status = 'running' AND o.id <> :id) "
+    f"{_RETURNING}"
 )
-# Under the type's advisory lock, before a singleton's claim: a running job of the type
-# whose lease lapsed (its owner died or stalled) is fenced off (new epoch, not running), so
-# a stalled holder that resumes can commit nothing while the next job of the type runs; the
-# relay sends it again (unpublished, due now).
-_FENCE_LAPSED_SINGLETONS = text(
+# Under the type's advisory lock, before a singleton's claim: the running jobs of the type
+# whose lease lapsed. Those whose owner is proven dead or lapsed long ago are fenced off
+# (new epoch, not running), so a stalled holder that resumes can commit nothing while the
+# next job of the type runs; the relay sends it again (unpublished, due now).
+_LAPSED_SINGLETONS = text(
+    "SELECT id, epoch, owner, attempts, max_attempts, lapses, "
+    f"{_LAPSED_LONG} AS lapsed_long FROM job_runs "
+    "WHERE type = :t AND status = 'running' AND id <> :id "
+    "AND COALESCE(lease_expires_at, '-infinity') <= now() FOR UPDATE"
+)
+_FENCE_SINGLETON = text(
     "UPDATE job_runs SET status = 'retrying', epoch = epoch + 1, lease_expires_at = NULL, "
+    "attempts = attempts - :spare, lapses = lapses + :spare, "
     "next_attempt_at = now(), published_at = NULL, delivered_at = NULL, "
     "error_code = 'lease_lapsed', error_message = 'its lease lapsed while another job of "
     "the singleton type was due' "
-    "WHERE type = :t AND status = 'running' AND id <> :id "
-    "AND COALESCE(lease_expires_at, '-infinity') <= now()"
+    "WHERE id = :fid AND epoch = :fe AND status = 'running'"
 )
 # A takeover of a job whose owner provably died on this kernel (SIGKILL, OOM): its lease
-# has not lapsed yet, but nobody is left to heartbeat it.
+# may not have lapsed yet, but nobody is left to heartbeat it.
 _TAKEOVER = text(
     f"{_CLAIM_SET} WHERE id = :id AND status = 'running' AND epoch = :seen "
     f"AND attempts < max_attempts {_RETURNING}"
@@ -164,10 +185,14 @@ def claim(
     default_max_attempts: int,
     *,
     singleton: bool = False,
+    adopt: bool = True,
 ) -> Claim:
-    """Claim the job for this run, or say why not (see Claim.action)."""
+    """Claim the job for this run, or say why not (see Claim.action). `adopt`: a message
+    with no row may be given one (a bare `celery call`); else it is `foreign`."""
     jid = _uuid(job_id)
-    args = {"id": jid, "o": owner, "w": worker, "ttl": get_settings().lease_ttl, "t": job_type}
+    settings = get_settings()
+    args = {"id": jid, "o": owner, "w": worker, "ttl": settings.lease_ttl, "t": job_type,
+            "lost": settings.relay_lost_after, "max_lapses": MAX_LAPSES}
     row = with_retry(lambda: _claim_once(args, singleton), "claim")
     if row is not None:
         if row.status == "cancelled":
@@ -175,7 +200,8 @@ def claim(
         return Claim("run", row.attempts, row.max_attempts, row.epoch,
                      idempotency_key=row.idempotency_key)
     return with_retry(
-        lambda: _not_claimed(jid, job_type, params, args, default_max_attempts, singleton),
+        lambda: _not_claimed(jid, job_type, params, args, default_max_attempts, singleton,
+                             adopt),
         "claim-inspect",
     )
 
@@ -189,62 +215,84 @@ def _claim_once(args: dict[str, Any], singleton: bool) -> Any:
     with get_engine().begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
                      {"k": f"warden:singleton:{args['t']}"})
-        conn.execute(_FENCE_LAPSED_SINGLETONS, args)
+        for held in conn.execute(_LAPSED_SINGLETONS, args).all():
+            proven = identity.holder_is_dead(held.owner)
+            if not (proven or held.lapsed_long):
+                continue  # its owner may be riding out an outage: the claim waits
+            # Not proven dead on its last attempt: the attempt is given back (see MAX_LAPSES).
+            spare = int(not proven and held.attempts >= held.max_attempts
+                        and held.lapses < MAX_LAPSES)
+            conn.execute(_FENCE_SINGLETON, {"fid": held.id, "fe": held.epoch, "spare": spare})
         return conn.execute(_CLAIM_SINGLETON, args).first()
 
 
+_INSPECT = text(
+    "SELECT status, attempts, max_attempts, epoch, owner, result, lapses, "
+    "COALESCE(lease_expires_at, '-infinity') > now() AS lease_live, "
+    f"{_LAPSED_LONG} AS lapsed_long, "
+    # NULL when neither is set: before PostgreSQL 17, '-infinity' - now() is an error.
+    "EXTRACT(EPOCH FROM COALESCE(next_attempt_at, not_before) - now()) AS due_in "
+    "FROM job_runs WHERE id = :id"
+)
+_MARK_DEAD = text(
+    "UPDATE job_runs SET status='dead', finished_at=now(), error_code='worker_lost', "
+    "lease_expires_at=NULL, error_message=:m WHERE id=:id AND epoch=:e AND status=:st"
+)
+
+
 def _not_claimed(jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any],
-                 default_max_attempts: int, singleton: bool) -> Claim:
+                 default_max_attempts: int, singleton: bool, adopt: bool) -> Claim:
     with session_scope() as s:
-        cur = s.execute(
-            text("SELECT status, attempts, max_attempts, epoch, owner, result, "
-                 "COALESCE(lease_expires_at, '-infinity') > now() AS lease_live, "
-                 "EXTRACT(EPOCH FROM COALESCE(next_attempt_at, not_before, '-infinity') "
-                 "  - now()) AS due_in "
-                 "FROM job_runs WHERE id = :id"), {"id": jid},
-        ).first()
+        cur = s.execute(_INSPECT, {**args, "id": jid}).first()
         if cur is None:
+            if not adopt:
+                return Claim("foreign")
             return _adopt(s, jid, job_type, params, args, default_max_attempts)
+
+        def claim_as(action: str, status: str | None = None, due_in: float = 0.0) -> Claim:
+            return Claim(action, cur.attempts, cur.max_attempts, cur.epoch,
+                         status=status or cur.status, due_in=due_in)
+
+        def dead(message: str) -> Claim:
+            # Guarded by the state seen: never over a final status or another run's claim.
+            s.execute(_MARK_DEAD, {"id": jid, "e": cur.epoch, "st": cur.status, "m": message})
+            return claim_as("dead", "dead")
+
         if cur.status == "running" and cur.owner == args["o"]:
             # Our own takeover or adoption committed and its answer was lost: it is ours.
-            return Claim("run", cur.attempts, cur.max_attempts, cur.epoch)
+            return claim_as("run")
         if cur.status == "succeeded":
             return Claim("done", cur.attempts, cur.max_attempts, cur.epoch, cur.result,
                          cur.status)
-        if cur.status in FINAL_STATUSES:
-            return Claim("final", cur.attempts, cur.max_attempts, cur.epoch, status=cur.status)
-        if cur.status == "waiting":
-            return Claim("waiting", cur.attempts, cur.max_attempts, cur.epoch,
-                         status=cur.status)
-        if cur.attempts >= cur.max_attempts and not (cur.status == "running" and cur.lease_live
-                                                     and not identity.holder_is_dead(cur.owner)):
-            # Queued, retrying or orphaned with the budget spent: its worker was lost on
-            # every attempt (a poison pill). Guarded by the state seen, never over a final.
-            s.execute(
-                text("UPDATE job_runs SET status='dead', finished_at=now(), "
-                     "error_code='worker_lost', lease_expires_at=NULL, error_message="
-                     "'attempt budget spent: the worker was lost on every attempt' "
-                     "WHERE id=:id AND epoch=:e AND status=:st"),
-                {"id": jid, "e": cur.epoch, "st": cur.status},
-            )
-            return Claim("dead", cur.attempts, cur.max_attempts, cur.epoch, status="dead")
-        if cur.status == "running" and cur.lease_live:
+        if cur.status in FINAL_STATUSES or cur.status == "waiting":
+            return claim_as("final" if cur.status != "waiting" else "waiting")
+        if cur.status == "running":
             if identity.holder_is_dead(cur.owner):
+                if cur.attempts >= cur.max_attempts:
+                    return dead("attempt budget spent: the worker was lost on every attempt")
                 row = s.execute(_TAKEOVER, {**args, "seen": cur.epoch}).first()
                 if row is not None:
                     log.info("job.taken_over", previous_owner=cur.owner)
                     return Claim("run", row.attempts, row.max_attempts, row.epoch,
                                  idempotency_key=row.idempotency_key)
-            return Claim("busy", cur.attempts, cur.max_attempts, cur.epoch, status=cur.status)
-        if cur.status in ("queued", "retrying") and cur.due_in is not None \
-                and cur.due_in > 1:
-            return Claim("early", cur.attempts, cur.max_attempts, cur.epoch,
-                         status=cur.status, due_in=float(cur.due_in))
+            elif cur.lapsed_long and cur.attempts >= cur.max_attempts \
+                    and cur.lapses >= MAX_LAPSES:
+                return dead(f"its lease lapsed {cur.lapses + 1} times on its last attempt "
+                            "and no owner was left to finish it")
+            # A live run, or one whose lease lapsed not long ago (its owner may be riding
+            # out a database outage): if it is gone, the relay sends the job again later.
+            return claim_as("busy")
+        # queued or retrying, not claimed
+        if cur.attempts >= cur.max_attempts:
+            # The budget was spent by lost workers (a poison pill).
+            return dead("attempt budget spent: the worker was lost on every attempt")
+        if cur.due_in is not None and cur.due_in > 1:
+            return claim_as("early", due_in=float(cur.due_in))
         if singleton:
-            return Claim("singleton_busy", cur.attempts, cur.max_attempts, cur.epoch,
-                         status=cur.status)
-        # It changed between the two statements (another claim won): look once more later.
-        return Claim("busy", cur.attempts, cur.max_attempts, cur.epoch, status=cur.status)
+            return claim_as("singleton_busy")
+        # Due by this statement's clock but not by the claim's (each has its own now()):
+        # a hair early. Sent again for its due time, never acked as if someone had it.
+        return claim_as("early", due_in=max(float(cur.due_in or 0.0), 0.5))
 
 
 def _adopt(s: Any, jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any],
@@ -400,38 +448,64 @@ def defer(job_id: str, seconds: float) -> None:
     with_retry(once, "defer")
 
 
-def fail_unknown_type(job_id: str, job_type: str, worker: str) -> bool:
-    """A worker received a type it does not know (a rolling deploy, a removed type): the job
-    ends failed with `unknown_job_type`, retryable by an operator once a worker knows it.
-    Also a run of the type whose owner died (lapsed lease, re-sent by the relay): no worker
-    can take it over, and left `running` it would be re-sent for ever."""
-    def once() -> bool:
-        with autocommit() as conn:
-            return conn.execute(
-                text("UPDATE job_runs SET status='failed', finished_at=now(), "
-                     "error_code='unknown_job_type', error_message=:m, lease_expires_at=NULL "
-                     "WHERE id=:id AND (status IN ('queued', 'retrying') OR (status='running' "
-                     "AND COALESCE(lease_expires_at, '-infinity') < now()))"),
-                {"id": _uuid(job_id),
-                 "m": f"worker {worker} does not know the job type {job_type!r}"},
-            ).rowcount == 1
+def fail_unknown_type(job_id: str, job_type: str, worker: str) -> str:
+    """A worker received a type it does not know. In a rolling deploy a newer worker may
+    know it: a job younger than WARDEN_UNKNOWN_TYPE_GRACE is sent again later (deferred,
+    unpublished: the relay sends it). Past that (a removed type), it ends failed with
+    `unknown_job_type`, retryable by an operator once a worker knows it; so does a run of
+    the type whose lease lapsed that long ago (left `running`, it would be re-sent for
+    ever). Each write is conditional on the state and epoch seen, so a healthy run by a
+    worker that knows the type is never touched. Returns deferred, failed or left."""
+    settings = get_settings()
+    args = {"id": _uuid(job_id), "g": settings.unknown_type_grace,
+            "lost": settings.relay_lost_after,
+            "m": f"worker {worker} does not know the job type {job_type!r}"}
+
+    def once() -> str:
+        with session_scope() as s:
+            cur = s.execute(text(
+                "SELECT status, epoch, created_at > now() - make_interval(secs => :g) AS young, "
+                f"{_LAPSED_LONG} AND lease_expires_at < now() - make_interval(secs => :g) "
+                "AS lapsed_past_grace FROM job_runs WHERE id = :id"), args).first()
+            if cur is None:
+                return "left"
+            guard = {**args, "e": cur.epoch, "st": cur.status}
+            if cur.status in ("queued", "retrying") and cur.young:
+                s.execute(text(
+                    "UPDATE job_runs SET next_attempt_at = now() + make_interval(secs => "
+                    "LEAST(30, GREATEST(:g / 4, 1))), published_at = NULL, delivered_at = NULL "
+                    "WHERE id=:id AND epoch=:e AND status=:st"), guard)
+                return "deferred"
+            if cur.status in ("queued", "retrying") or (cur.status == "running"
+                                                         and cur.lapsed_past_grace):
+                done = s.execute(text(
+                    "UPDATE job_runs SET status='failed', finished_at=now(), "
+                    "error_code='unknown_job_type', error_message=:m, lease_expires_at=NULL "
+                    "WHERE id=:id AND epoch=:e AND status=:st RETURNING 1"), guard).first()
+                return "failed" if done is not None else "left"
+            return "left"
 
     return with_retry(once, "unknown-type")
 
 
 def record_revoked(job_id: str, *, terminated: bool) -> bool:
     """Celery revoked the job (Flower, `celery control revoke`): a job not started is
-    cancelled; a run that was terminated is failed (an operator may retry it). Guarded by
-    status, so a job that already ended keeps its outcome."""
+    cancelled. A run that was terminated is failed (an operator may retry it) once its
+    owner is provably dead, conditional on the epoch seen: a revoke that reached this
+    worker never ends a run another worker holds. A job that already ended keeps its
+    outcome."""
+    if terminated:
+        return fail_if_owner_dead(job_id, "revoked", "revoked with Celery control (Flower): "
+                                  "its run was terminated")
+
     def once() -> bool:
         with autocommit() as conn:
             return conn.execute(
                 text("UPDATE job_runs SET finished_at=now(), lease_expires_at=NULL, "
-                     "status = CASE WHEN status='running' THEN 'failed' ELSE 'cancelled' END, "
-                     "error_code='revoked', error_message='revoked with Celery control "
-                     "(Flower)' WHERE id=:id AND (status IN ('queued', 'retrying') "
-                     "OR (status='running' AND :t))"),
-                {"id": _uuid(job_id), "t": terminated},
+                     "status='cancelled', error_code='revoked', error_message='revoked with "
+                     "Celery control (Flower)' WHERE id=:id AND status IN ('queued', "
+                     "'retrying')"),
+                {"id": _uuid(job_id)},
             ).rowcount == 1
 
     return with_retry(once, "revoked")

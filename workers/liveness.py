@@ -1,9 +1,12 @@
 """Which workers are alive and which queues they consume, as seen in Redis.
 
 Every worker's main process writes `<prefix>warden:worker:<node name>` (its queues, host,
-pid, when) every WORKER_BEAT seconds with a TTL of three beats; a worker that dies drops out
-within WORKER_TTL. Read by the API ("no worker consumes its queue") and the metrics, without
-a Celery broadcast (which waits for replies and sees only one deployment's prefix anyway).
+pid, deployment, when) every WORKER_BEAT seconds with a TTL of three beats; a worker that
+dies drops out within WORKER_TTL. Beside it, `...:held` lists the jobs whose messages the
+worker holds but has not started (a countdown waiting for its time, a message waiting for a
+free process): the relay does not count those as lost while the worker lives (review N12).
+Read by the API ("no worker consumes its queue") and the metrics, without a Celery
+broadcast (which waits for replies and sees only one deployment's prefix anyway).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -28,15 +32,28 @@ WORKER_TTL = 3 * WORKER_BEAT
 class WorkerBeat:
     """The daemon thread in a worker's main process."""
 
-    def __init__(self, node: str, queues: list[str]) -> None:
-        self.node, self.queues = node, queues
+    MAX_HELD = 10_000  # past this, the rest count as lost: a duplicate is only wasted work
+
+    def __init__(self, node: str, queues: list[str], deployment: str | None = None,
+                 held: Callable[[], Iterable[str]] | None = None) -> None:
+        self.node, self.queues, self.deployment = node, queues, deployment
+        self._held = held
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def beat_once(self) -> None:
-        get_redis().set(key(f"worker:{self.node}"), json.dumps({
-            "node": self.node, "queues": self.queues, "host": socket.gethostname(),
-            "pid": os.getpid(), "at": time.time()}), ex=int(WORKER_TTL))
+        client = get_redis()
+        held = sorted(self._held())[: self.MAX_HELD] if self._held else []
+        with client.pipeline() as pipe:
+            pipe.set(key(f"worker:{self.node}"), json.dumps({
+                "node": self.node, "queues": self.queues, "host": socket.gethostname(),
+                "pid": os.getpid(), "deployment": self.deployment, "at": time.time()}),
+                ex=int(WORKER_TTL))
+            pipe.delete(key(f"held:{self.node}"))
+            if held:
+                pipe.sadd(key(f"held:{self.node}"), *held)
+                pipe.expire(key(f"held:{self.node}"), int(WORKER_TTL))
+            pipe.execute()
 
     def _loop(self) -> None:
         while True:
@@ -55,7 +72,7 @@ class WorkerBeat:
         """On a clean shutdown the key goes at once (a warm stop is not a dead worker)."""
         self._stop.set()
         try:
-            get_redis().delete(key(f"worker:{self.node}"))
+            get_redis().delete(key(f"worker:{self.node}"), key(f"held:{self.node}"))
         except Exception as exc:
             log.warning("worker.beat_clear_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -77,3 +94,12 @@ def live_workers() -> list[dict[str, Any]]:
 def consumers(queue: str) -> list[str]:
     """Node names of the live workers consuming `queue`."""
     return [str(w["node"]) for w in live_workers() if queue in (w.get("queues") or [])]
+
+
+def held_by_live_workers() -> set[str]:
+    """Job ids whose messages a live worker holds, not yet started (see the module doc)."""
+    client = get_redis()
+    held: set[str] = set()
+    for w in live_workers():
+        held.update(str(i) for i in client.smembers(key(f"held:{w['node']}")))
+    return held

@@ -177,10 +177,9 @@ def _read_jobs() -> JobFigures:
 
 
 def _read_broker() -> dict[str, Any]:
-    from workers.app import QUEUE
+    from workers.celery_app import QUEUE
     from workers.liveness import consumers
-    from workers.redis_client import get_redis
-    from workers.relay import broker_key
+    from workers.redis_client import broker_key, get_redis
 
     return {"queue": QUEUE, "messages": int(get_redis().llen(broker_key(QUEUE))),
             "consumers": len(consumers(QUEUE))}
@@ -205,7 +204,7 @@ class JobCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         from schedules import SCHEDULE
-        from workers.enqueue import job_types
+        from workers.celery_app import job_types
 
         try:
             self._note_schedules([e.name for e in SCHEDULE])
@@ -227,7 +226,7 @@ class JobCollector(Collector):
 
     def _job_families(self, fig: JobFigures, types: list[str],
                       schedule: Sequence[Any]) -> Iterator[Metric]:
-        from workers.app import QUEUE
+        from workers.celery_app import QUEUE
 
         jobs = GaugeMetricFamily("warden_jobs", "Unfinished and dead jobs in job_runs by "
                                  "status and type", labels=["status", "type"])

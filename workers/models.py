@@ -15,6 +15,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     func,
@@ -76,6 +77,8 @@ class JobRun(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
     manual_retries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # Takeovers of the last attempt from an owner not proven dead (migration 0009).
+    lapses: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
     epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -40,3 +40,8 @@ def key(name: str) -> str:
     two deployments sharing one Redis database never see each other's leases or caches.
     `name` is relative: key("lease:relay") -> "<prefix>warden:lease:relay"."""
     return f"{get_settings().broker_key_prefix}warden:{name}"
+
+
+def broker_key(name: str) -> str:
+    """A key of the broker's own (kombu applies the same global prefix): its queues."""
+    return f"{get_settings().broker_key_prefix}{name}"

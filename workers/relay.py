@@ -11,8 +11,10 @@ Three kinds of rows, each found through a partial index over unfinished statuses
 2. published long ago and never delivered, whose message is neither in the queue nor held
    by a worker (Redis lost it, or it was dropped): "lost", told from "waiting in a long
    queue" by looking at the queue itself (its messages, or where its oldest one stands);
-3. running with a lapsed lease: the owner died or stalled; a new message lets a worker
-   take it over (the claim gives it a new epoch, fencing the old run).
+3. running with a lapsed lease whose owner is proven dead (this kernel, its pid gone) or
+   lapsed WARDEN_RELAY_LOST_AFTER ago: a new message lets a worker take it over (the claim
+   gives it a new epoch, fencing the old run). A shorter lapse is left alone: a database
+   outage stops every heartbeat, and a healthy owner renews its lease once it is back.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from typing import Any
 import structlog
 from sqlalchemy import text
 
-from workers import leases, stats
+from workers import identity, leases, stats
+from workers.celery_app import QUEUE
 from workers.db import session_scope
-from workers.redis_client import get_redis, key
+from workers.enqueue import publish_many
+from workers.liveness import held_by_live_workers
+from workers.redis_client import broker_key, get_redis, key
 from workers.settings import get_settings
 
 log = structlog.get_logger("warden.relay")
@@ -55,17 +60,16 @@ _UNDELIVERED = text(
     f"AND published_at IS NOT NULL AND {_DUE} < now() - make_interval(secs => :lost) "
     f"ORDER BY {_DUE} LIMIT :n"
 )
+# Lapsed past the grace; sent again only when the owner is proven dead (this kernel, pid
+# gone) or the lease lapsed WARDEN_RELAY_LOST_AFTER ago: a shorter lapse may be a database
+# outage that a healthy owner rides out (its heartbeat renews the lease once it is back).
 _LAPSED = text(
-    "SELECT id, type, params FROM job_runs "
+    "SELECT id, type, params, owner, "
+    "lease_expires_at < now() - make_interval(secs => :lost) AS lapsed_long FROM job_runs "
     "WHERE status = 'running' AND lease_expires_at < now() - make_interval(secs => :grace) "
     "AND (published_at IS NULL OR published_at < now() - make_interval(secs => :lost)) "
     "ORDER BY lease_expires_at LIMIT :n"
 )
-
-
-def broker_key(name: str) -> str:
-    """A key of the broker's own (kombu applies the same global prefix)."""
-    return f"{get_settings().broker_key_prefix}{name}"
 
 
 def _message_id(raw: Any) -> str | None:
@@ -87,16 +91,22 @@ def _is_uuid(value: str) -> bool:
 
 
 class BrokerView:
-    """What the broker's queue holds right now.
+    """What the broker's queue holds right now, and what live workers hold.
 
-    A message reserved by a worker (kombu's `unacked` hash) does not count: the candidates
-    are past their due time by WARDEN_RELAY_LOST_AFTER, and a worker holds at most one
-    message per free pool process (prefetch 1, acks late), so a message held that long and
-    not claimed sits with a worker that died or hangs; the duplicate is harmless.
+    A message reserved by a worker counts only while that worker announces it (its
+    liveness beat lists the messages it holds and has not started: a countdown waiting for
+    its time, a message waiting for a free process of a busy worker). kombu's `unacked`
+    hash cannot tell a live holder from a dead one, so it is not read: a message a worker
+    held when it died is re-sent once its beat lapses.
     """
 
     def __init__(self, queue: str) -> None:
         client = get_redis()
+        try:
+            self.held = held_by_live_workers()
+        except Exception as exc:  # a duplicate is harmless; a lost job is not
+            log.warning("relay.held_unreadable", error=f"{type(exc).__name__}: {exc}")
+            self.held = set()
         self.depth = int(client.llen(broker_key(queue)))
         self.queued: set[str] | None = None
         self.oldest: str | None = None
@@ -112,6 +122,8 @@ class BrokerView:
 
     def present(self, job_id: str) -> bool | None:
         """True/False when the view is exact; None when only the oldest message is known."""
+        if job_id in self.held:
+            return True
         if self.queued is not None:
             return job_id in self.queued
         return None
@@ -137,7 +149,8 @@ class Relay:
             with session_scope() as s:
                 unpublished = s.execute(_UNPUBLISHED, args).all()
                 undelivered = s.execute(_UNDELIVERED, args).all()
-                lapsed = s.execute(_LAPSED, args).all()
+                lapsed = [r for r in s.execute(_LAPSED, args).all()
+                          if r.lapsed_long or identity.holder_is_dead(r.owner)]
             try:
                 lost = self._lost(undelivered) if undelivered else []
             except Exception as exc:  # the broker view failed: still send the other kinds
@@ -157,8 +170,6 @@ class Relay:
 
     def _lost(self, rows: Sequence[Any]) -> list[Any]:
         """The candidates whose message the broker does not hold."""
-        from workers.app import QUEUE
-
         view = BrokerView(QUEUE)
         oldest_published = None
         if view.queued is None and view.tail:
@@ -181,8 +192,6 @@ class Relay:
 
     def _send(self, rows: Iterable[Any]) -> int:
         """Publish in one producer connection, then mark them all in one statement."""
-        from workers.enqueue import publish_many
-
         sent = publish_many((r.id, r.type, r.params) for r in rows)
         if sent:
             with session_scope() as s:

@@ -41,6 +41,20 @@ class Settings(BaseSettings):
     # Prefix for every broker key in Redis, so deployments (or test runs) can share one
     # Redis database without seeing each other's queues.
     broker_key_prefix: str = Field("", max_length=100)
+    # What every message is stamped with, and what a worker accepts: by default the
+    # identity of the database (`pg:<system identifier>/<database name>`), so a command
+    # pointed at another database (a restored copy) never has its job run against this one
+    # (workers/deployment.py). Set it to keep one identity across a move the database does
+    # not survive with the same system identifier (a pg_upgrade, a logical copy); a copy
+    # of the database must then get another one.
+    deployment: str | None = Field(None, min_length=1, max_length=200)
+    # A message with no stamp and no job row (a bare `celery call`) is given a row and run
+    # only where this is true; otherwise it is refused like another deployment's.
+    adopt_bare_messages: bool = False
+    # A worker that does not know a job's type leaves a job younger than this (s) to a
+    # worker that does (a rolling deploy: sent again every quarter of it, at most 30 s),
+    # then fails it `unknown_job_type` (a removed type; an operator retries it).
+    unknown_type_grace: float = Field(600.0, ge=0)
     # Extra task modules for the worker (the test suite's fault-injection jobs).
     extra_task_modules: list[str] = Field(default_factory=list)
 

@@ -27,7 +27,7 @@ def _iso(value: datetime | None) -> str | None:
 def explain(row: Mapping[str, Any], *, singleton: bool = False,
             queue: str | None = None) -> dict[str, Any]:
     """`{"reason", "message", ...details}` for a job row (JOB_COLUMNS of jobstore)."""
-    from workers.app import QUEUE
+    from workers.celery_app import QUEUE
 
     queue = queue or QUEUE
     status = row["status"]
