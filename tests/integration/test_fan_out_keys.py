@@ -1,0 +1,51 @@
+"""Fan-out children's keys (`<parent id>:<n>`) belong to the fan-out (review N8).
+
+A client once took a child's key before its parent fanned out: the parent counted two
+children, one existed, and it waited for ever. The shape is reserved for fan-outs, and a
+key already held (made before the reservation) fails the parent visibly.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import Services
+from workers import identity, jobstore
+from workers.enqueue import FanOutKeyTaken, ReservedKey, fan_out_children, submit
+
+
+def test_a_child_key_shape_is_refused_to_producers(services: Services) -> None:
+    with pytest.raises(ReservedKey):
+        submit("platform.ping", {}, idempotency_key=f"{uuid.uuid4()}:1", source="cli")
+
+
+def test_the_api_refuses_a_child_key_with_a_clear_error(client: httpx.Client) -> None:
+    key = f"{uuid.uuid4()}:0"
+    answer = client.post("/v1/jobs", json={"type": "platform.ping", "params": {},
+                                           "idempotency_key": key})
+    assert answer.status_code == 409, answer.text
+    assert "reserved" in answer.json()["detail"]
+
+
+def test_a_taken_child_key_fails_the_fan_out_instead_of_a_parent_waiting_for_ever(
+        services: Services, db: psycopg.Connection) -> None:
+    # given a running parent, and a job that already holds its second child's key
+    parent = str(uuid.uuid4())
+    db.execute("INSERT INTO job_runs (id, type, params) VALUES (%s, 'platform.ping', '{}')",
+               (parent,))
+    claim = jobstore.claim(parent, "platform.ping", {}, identity.new_token(), "w", 5)
+    db.execute("INSERT INTO job_runs (id, type, params, idempotency_key) VALUES "
+               "(%s, 'platform.ping', '{}', %s)", (str(uuid.uuid4()), f"{parent}:1"))
+    # when it fans out two children; then the fan-out fails with a clear code, nothing kept
+    with pytest.raises(FanOutKeyTaken) as failed:
+        fan_out_children(parent, claim.epoch, [("platform.ping", {}), ("platform.ping", {})])
+    assert failed.value.code == "fan_out_key_taken"
+    row = db.execute("SELECT status, children_total FROM job_runs WHERE id = %s",
+                     (parent,)).fetchone()
+    assert row == ("running", 0)
+    assert db.execute("SELECT count(*) FROM job_runs WHERE parent_id = %s",
+                      (parent,)).fetchone() == (0,)
