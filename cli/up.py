@@ -2,23 +2,110 @@
 
 Children run in their own sessions so Ctrl-C reaches only this supervisor, which stops them
 in order (producers first, servers last) and kills any straggler's whole process group.
+One `warden up` per data dir: it holds `<data dir>/up.lock` while it runs (see lock_data_dir).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
 import secrets
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from workers.children import Child, warden
 from workers.settings import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from workers.embedded import EmbeddedPostgres, EmbeddedRedis
+
+LOCK_FILE = "up.lock"
+
+
+class AlreadyRunning(RuntimeError):
+    """Another `warden up` holds the data dir; the message says where it runs and its URLs."""
+
+
+def lock_data_dir(data_dir: Path, api_url: str, flower_url: str) -> int:
+    """Take `<data dir>/up.lock` for the life of this process; return its descriptor.
+
+    Why: a second `warden up` on the same data dir used to stop the first one's PostgreSQL,
+    start its own on the same files and rewrite services.json. It must find out before it
+    touches anything. Why flock: the kernel drops the lock when the holder dies, SIGKILL
+    included, so a lock file left behind never blocks a restart and no recorded pid has to
+    be trusted. The holder's pid and URLs are written into the file, for the refusal message.
+    Raises AlreadyRunning, having changed nothing, when another process holds the lock.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # No O_TRUNC: until we hold the lock, the file is the holder's record. Not inherited by
+    # children (O_CLOEXEC): a child outliving us must not keep the data dir locked.
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise AlreadyRunning(
+            f"warden up is already running in {data_dir} (pid {holder.get('pid', 'unknown')}): "
+            f"API {holder.get('api', '?')}  Flower {holder.get('flower', '?')}"
+        ) from None
+    record = json.dumps({"pid": os.getpid(), "api": api_url, "flower": flower_url})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (record + "\n").encode(), 0)
+    return fd
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    """The holder's record; it writes it just after taking the lock, so wait a moment for it."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        with contextlib.suppress(ValueError):
+            data = json.loads(os.pread(fd, 4096, 0) or b"null")
+            if isinstance(data, dict):
+                return data
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(0.05)
+
+
+def unlock_data_dir(fd: int) -> None:
+    """Clear the record (nobody runs here any more) and drop the lock.
+
+    The file itself stays: removing it would let two `warden up`s run at once, one locking
+    the removed file it had just opened, the other a new file of the same name.
+    """
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
+
+
+def _exit_text(code: int | None) -> str:
+    """`-9 (SIGKILL)` for a signal, the plain code otherwise."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
+def dead_server(
+    servers: list[tuple[str, EmbeddedPostgres | EmbeddedRedis | None]],
+) -> str | None:
+    """A line for the first embedded server whose process has exited, else None."""
+    for name, server in servers:
+        if server is None or server.proc is None:
+            continue
+        code = server.proc.poll()
+        if code is not None:
+            return (f"embedded {name} (pid {server.proc.pid}) exited with {_exit_text(code)}; "
+                    f"see {server.log}")
+    return None
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -95,15 +182,31 @@ class Restarts:
 
 def run_up(*, demo: bool, concurrency: int) -> int:
     """Start everything and supervise until Ctrl-C or a child dies; returns the exit code."""
+    settings = get_settings()
+    data_dir = settings.data_dir.resolve()
+    api_url = f"http://{settings.api_host}:{settings.api_port}"
+    flower_url = f"http://127.0.0.1:{settings.flower_port}"
+    # First of all, before the slow imports and before any server or state file is touched.
+    try:
+        lock = lock_data_dir(data_dir, api_url, flower_url)
+    except (AlreadyRunning, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    try:
+        return _run_locked(settings, data_dir, api_url, flower_url, demo, concurrency)
+    finally:
+        unlock_data_dir(lock)
+
+
+def _run_locked(settings: Settings, data_dir: Path, api_url: str, flower_url: str,
+                demo: bool, concurrency: int) -> int:
     from workers import embedded
     from workers import logging as wlogging
     from workers.db import reset_engine
     from workers.migrate import upgrade
 
-    settings = get_settings()
     wlogging.configure(settings.log_level, json=False)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line says it, below
-    data_dir = settings.data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stop = {"sig": None}
@@ -168,11 +271,10 @@ def run_up(*, demo: bool, concurrency: int) -> int:
         from workers.embedded import wait_for_port
 
         wait_for_port(settings.api_port, 60, children[1][1].popen)
-        api_url = f"http://{settings.api_host}:{settings.api_port}"
         click.echo(
             "\nWarden is up.\n"
             f"  API        {api_url}   (docs {api_url}/docs)\n"
-            f"  Flower     http://127.0.0.1:{settings.flower_port}   "
+            f"  Flower     {flower_url}   "
             f"user {fuser}  password {fpass}\n"
             f"  Admin token (also in {data_dir / 'admin-token'}):\n    {token}\n"
             f"  Logs       {logs}/\n"
@@ -182,7 +284,17 @@ def run_up(*, demo: bool, concurrency: int) -> int:
             "-d '{\"type\": \"platform.ping\", \"params\": {\"echo\": \"hello\"}}'\n"
             "Press Ctrl-C to stop.",
         )
+        servers: list[tuple[str, embedded.EmbeddedPostgres | embedded.EmbeddedRedis | None]] = [
+            ("PostgreSQL", pg), ("Redis", rd)]
         while stop["sig"] is None:
+            # The servers first: when one dies, the API dying of it next is not the news.
+            # No restart: a database restarted under running workers and open transactions
+            # is not something to do behind the operator's back.
+            dead = dead_server(servers)
+            if dead is not None:
+                click.echo(f"\nerror: {dead}; every process stands on it: stopping everything",
+                           err=True)
+                return 1
             for i, (name, proc) in enumerate(children):
                 if proc.alive():
                     restarts.healthy(name)
