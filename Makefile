@@ -5,7 +5,7 @@ PY ?= python3
 UV = $(shell command -v uv 2>/dev/null || echo "$(PY) -m uv")
 PYTEST_ARGS ?=
 
-.PHONY: up test test-faults lint typecheck check bench sync uv clean
+.PHONY: up test test-external test-faults lint typecheck check bench sync uv clean
 
 uv:
 	@command -v uv >/dev/null 2>&1 || $(PY) -m uv --version >/dev/null 2>&1 || \
@@ -19,6 +19,15 @@ up: sync
 
 test: sync lint typecheck
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+# The same suite on the machine's PostgreSQL and Redis (CI: PostgreSQL 15, Redis 7): every
+# promise is tested on the oldest and the newest supported server. A fresh database is
+# created on that server (and dropped); the Redis DB is flushed.
+TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+test-external: sync
+	WARDEN_TEST_DATABASE_URL=$(TEST_DATABASE_URL) WARDEN_TEST_REDIS_URL=$(TEST_REDIS_URL) \
+		$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 # The fault tests alone (real processes killed, paused, cut off) with a bigger soak.
 test-faults: sync
