@@ -1,8 +1,11 @@
-"""`warden audit [--fix] [--json] [--verbose] [--check NAME]`, `warden audit runs|show|undo`.
+"""`warden audit [--fix] [--json] [--verbose] [--check NAME] [--inline]`,
+`warden audit runs|show|undo`.
 
 `warden audit` submits an audit.integrity job (the worker runs it; the job core keeps one
-at a time), waits for it and prints the stored run. Exit codes, for cron and CI: 0 clean,
-1 findings remain, 2 error (the job failed, timed out, or the database is unreachable).
+at a time), waits for it and prints the stored run. With `--inline` it runs the audit in
+this process against WARDEN_DATABASE_URL (cli/inline.py: no broker, no worker, no Redis),
+which is how a restored copy is audited. Exit codes, for cron and CI: 0 clean, 1 findings
+remain, 2 error (the job failed, timed out, or the database is unreachable).
 `undo` runs here, in one transaction, and is recorded in the operator log.
 """
 
@@ -12,7 +15,7 @@ import getpass
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -86,6 +89,20 @@ def run_job(job_type: str, params: dict[str, Any], timeout: float) -> dict[str, 
          f"{job_id}`)")
 
 
+def to_stderr(line: str) -> None:
+    """A note for the operator that keeps stdout what scripts parse."""
+    click.echo(line, err=True)
+
+
+def inline_option(what: str) -> Callable[[Any], Any]:
+    """`--inline`, the same on every command that works on a database."""
+    return click.option(
+        "--inline", is_flag=True,
+        help=f"run {what} in this process against WARDEN_DATABASE_URL: no broker, no worker, "
+             "no Redis (how a restored copy is checked: without it the job is only queued "
+             "in that database, and run by whichever worker takes the message)")
+
+
 def dump(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, sort_keys=False))
 
@@ -155,21 +172,51 @@ def _show(run_id: int, *, as_json: bool, verbose: bool, check: str | None) -> di
 @click.option("--verbose", "-v", is_flag=True, help="list every finding as well")
 @click.option("--check", "checks", multiple=True, type=click.Choice(rules.INTEGRITY_CHECKS),
               help="run only this check (repeatable)")
-@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait")
+@click.option("--timeout", default=3600.0, show_default=True,
+              help="seconds to wait (--inline: for an audit already running to end first)")
+@inline_option("the audit (and its fix)")
 @click.pass_context
 def audit(ctx: click.Context, fix: bool, as_json: bool, verbose: bool,
-          checks: tuple[str, ...], timeout: float) -> None:
-    """Run the integrity audit and print its run; exit 0 clean, 1 findings remain, 2 error."""
+          checks: tuple[str, ...], timeout: float, inline: bool) -> None:
+    """Run the integrity audit and print its run; exit 0 clean, 1 findings remain, 2 error.
+
+    --inline runs it here, on the database WARDEN_DATABASE_URL names, and prints the same.
+    It is still an audit.integrity job of that database: its job_runs row (source
+    cli-inline, run by this process, never retried) is the job_id of the stored audit run,
+    and it is still one at a time: an audit job running there is waited for (--timeout).
+    """
     if ctx.invoked_subcommand is not None:
         return
     with errors_exit_2():
-        params: dict[str, Any] = {"fix": fix}
-        if checks:
-            params["checks"] = list(checks)
-        job = run_job("audit.integrity", params, timeout)
-        run = _show(int(job["result"]["run_id"]), as_json=as_json, verbose=verbose,
+        if inline:
+            run_id = _audit_inline(fix, checks, timeout)
+        else:
+            params: dict[str, Any] = {"fix": fix}
+            if checks:
+                params["checks"] = list(checks)
+            run_id = int(run_job("audit.integrity", params, timeout)["result"]["run_id"])
+        run = _show(run_id, as_json=as_json, verbose=verbose,
                     check=checks[0] if len(checks) == 1 else None)
     sys.exit(EXIT_CLEAN if run["remaining"] == 0 else EXIT_FINDINGS)
+
+
+def _audit_inline(fix: bool, checks: tuple[str, ...], timeout: float) -> int:
+    """What the audit.integrity task does, in this process; returns the stored run's id."""
+    from cli import inline
+    from tasks.audits import service
+    from tasks.audits.schemas import Integrity
+    from workers.settings import get_settings
+
+    params = Integrity(fix=fix, checks=list(checks) or None)
+    with (inline.run("audit.integrity", params, singleton=True, timeout=timeout,
+                     echo=to_stderr) as job,
+          job.session() as session):
+        run = service.run_audit(
+            session, fix=params.fix, check_names=params.checks, job_id=job.id,
+            lock_timeout=get_settings().audit_lock_timeout,
+            progress=lambda done, total, step: job.progress(done, total, step=step))
+        result = job.complete(session, service.run_summary(run))
+    return int(result["run_id"])
 
 
 @audit.command("runs")

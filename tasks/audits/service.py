@@ -531,6 +531,14 @@ def _undo_st(session: Session, run_id: int) -> int:
 
 # -- reads ----------------------------------------------------------------------------------
 
+def run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """A job's result for a stored run: the run without its timestamps and undo (what
+    audit.integrity returns; the inline CLI stores the same on its job row)."""
+    keys = ("id", "mode", "checks", "findings", "reports", "fixed", "remaining",
+            "changed_rows", "forced_status_changes", "totals", "rules_version")
+    return {("run_id" if k == "id" else k): run[k] for k in keys}
+
+
 _RUN_COLUMNS = ("id, job_id, mode, checks, rules_version, started_at, finished_at, findings, "
                 "reports, fixed, remaining, changed_rows, totals, undone_at, undone_by, undo")
 

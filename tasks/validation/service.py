@@ -227,6 +227,15 @@ def list_sweeps(session: Session, *, limit: int = 50,
     return [_sweep_dict(r) for r in rows]
 
 
+def sweep_result(sweep: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, Any]:
+    """A sweep job's result (what validation.characters returns; the inline CLI stores the
+    same on its job row, with no children: its chunks ran in its own process)."""
+    return {"sweep_id": sweep["id"], "mode": sweep["mode"], "plan": sweep["plan"],
+            "chunks": sweep["chunks"], "rules_version": sweep["rules_version"],
+            "since": sweep["since"].isoformat() if sweep["since"] else None,
+            "totals": sweep["totals"], "children": children}
+
+
 _SWEEP_COLUMNS = ("id, job_id, mode, character_ids, status, plan, rules_version, scan_from, "
                   "since, started_at, finished_at, chunks, totals, error")
 
