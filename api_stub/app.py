@@ -46,7 +46,7 @@ from api_stub.schemas import (
     ReasonIn,
     RetryFilterIn,
 )
-from workers import jobstore, metrics, operator, oplog, why
+from workers import jobstore, metrics, operator, oplog, scopes, why
 from workers.db import AsyncPool, PoolTimeout, session_scope
 from workers.enqueue import (
     IdempotencyConflict,
@@ -157,9 +157,11 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     # -- jobs ----------------------------------------------------------------------------------
 
     @app.post("/v1/jobs", status_code=202, response_model=JobOut,
-              dependencies=[Depends(require("enqueue"))],
               responses={200: {"model": JobOut,
                                "description": "same idempotency key: the first job"},
+                         403: {"description": "the token lacks the `enqueue` scope, or the "
+                                              "scope this job type needs with these params "
+                                              "(GET /v1/job-types: `scope`, `admin_when`)"},
                          409: {"description": "the idempotency key was used for another job"},
                          422: {"description": "invalid body or params (`loc` names the field); "
                                               "an unknown type lists `known_types`"}},
@@ -167,9 +169,11 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     async def enqueue(
         body: JobIn,
         response: Response,
+        who: Annotated[Principal, Depends(require("enqueue"))],
         idempotency_key: Annotated[str | None, Header(pattern=KEY_PATTERN)] = None,
     ) -> Any:
-        """Accept a job: 202 with the new job, or 200 with the job an earlier request made."""
+        """Accept a job: 202 with the new job, or 200 with the job an earlier request made.
+        The job type may need more than `enqueue` (GET /v1/job-types): 403 naming it."""
         # async, with no thread-pool hop: the insert runs on an async connection and the
         # publish on the loop (bench/: a hop cost more CPU than the insert).
         key = body.idempotency_key
@@ -180,12 +184,17 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
                     "msg": "differs from body.idempotency_key; send one or make them equal",
                 }])
             key = idempotency_key
+        # The type's scope first (a refusal needs no valid params), then again on the
+        # validated params (defaults count); who asked is the token, never a param.
+        _authorize(who, body.type, body.params)
+        params = scopes.on_behalf_of(body.type, body.params, who.name)
         task = job_types().get(body.type)
-        if task is not None and (wrong := contract.check_params(task.params, body.params)):
+        if task is not None and (wrong := contract.check_params(task.params, params)):
             return _unprocessable([{**e, "loc": ["body", "params", *e["loc"]]} for e in wrong])
         try:
-            prepared = prepare(body.type, body.params, idempotency_key=key,
+            prepared = prepare(body.type, params, idempotency_key=key,
                                countdown=body.countdown)
+            _authorize(who, body.type, prepared.clean)
             async with db_pool.connection() as conn:
                 sub = await submit_async(prepared, conn)
         except UnknownJobType as exc:
@@ -286,17 +295,9 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     @app.get("/v1/job-types", response_model=list[JobTypeOut],
               dependencies=[Depends(require("read"))])
     def list_job_types() -> Any:
-        """Every job type with the JSON Schema of its params."""
-        out = []
-        for name, task in job_types().items():
-            doc = (task.__doc__ or task.run.__doc__ or "").strip()
-            out.append(JobTypeOut(
-                name=name, description=doc.split("\n\n")[0],
-                singleton=bool(task.singleton),
-                max_attempts=task.max_attempts or settings.max_attempts,
-                params_schema=task.params.model_json_schema(),
-            ))
-        return out
+        """Every job type with the scope submitting it needs and the JSON Schema of its
+        params."""
+        return job_type_catalogue()
 
     # -- health and metrics -------------------------------------------------------------------
 
@@ -369,6 +370,30 @@ def family_metrics() -> None:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if info.ispkg and importlib.util.find_spec(f"tasks.{info.name}.metrics") is not None:
             importlib.import_module(f"tasks.{info.name}.metrics")
+
+
+def job_type_catalogue() -> list[JobTypeOut]:
+    """The job types as `GET /v1/job-types` and `warden job-types` show them."""
+    default_attempts = get_settings().max_attempts
+    out = []
+    for name, task in job_types().items():
+        doc = (task.__doc__ or task.run.__doc__ or "").strip()
+        out.append(JobTypeOut(
+            name=name, description=doc.split("\n\n")[0],
+            scope=task.required_scope(), admin_when=task.admin_when or None,
+            singleton=bool(task.singleton),
+            max_attempts=task.max_attempts or default_attempts,
+            params_schema=task.params.model_json_schema(),
+        ))
+    return out
+
+
+def _authorize(who: Principal, job_type: str, params: Any) -> None:
+    """403 naming the scope and the type when `who` may not submit this job."""
+    try:
+        scopes.check(who, job_type, params)
+    except scopes.ScopeRequired as exc:
+        raise HTTPException(403, str(exc)) from exc
 
 
 def job_out(row: Any) -> JobOut:

@@ -108,6 +108,11 @@ class JobPage(BaseModel):
 class JobTypeOut(BaseModel):
     name: str
     description: str
+    scope: Literal["enqueue", "admin"] = Field(
+        description="the token scope POST /v1/jobs needs for this type, whatever its params")
+    admin_when: dict[str, Any] | None = Field(
+        None, description="params that raise the scope to admin: any of these fields with "
+                          "this value (e.g. {\"fix\": true}); null: the params never do")
     singleton: bool
     max_attempts: int
     params_schema: dict[str, Any]

@@ -181,10 +181,11 @@ def _job_json(row: Any) -> str:
 @click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
 def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: float | None,
             wait: bool, timeout: float) -> None:
-    """Submit a job, as the API would."""
+    """Submit a job, as the API would (as an operator: no token, no scope check; who asked,
+    where a job records it, is `cli:<login>`)."""
     from pydantic import ValidationError
 
-    from workers import jobstore
+    from workers import jobstore, scopes
     from workers.enqueue import (
         IdempotencyConflict,
         InvalidCountdown,
@@ -193,7 +194,8 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
         submit,
     )
 
-    values = dict(parse_param(p) for p in params)
+    values = scopes.on_behalf_of(job_type, dict(parse_param(p) for p in params),
+                                 operator_name())
     try:
         sub = submit(job_type, values, idempotency_key=key, countdown=countdown, source="cli")
     except UnknownJobType as exc:
@@ -214,7 +216,30 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
             click.echo(_job_json(row))
             sys.exit(0 if row["status"] == "succeeded" else 1)
         time.sleep(0.1)
-    fail(f"job {job_id} not finished after {timeout:.0f}s (still running; see `warden job`)")
+    from cli.waiting import not_finished
+
+    fail(not_finished(job_id, timeout))
+
+
+@cli.command("job-types")
+@click.option("--json", "as_json", is_flag=True,
+              help="every type in full, params JSON Schema included (GET /v1/job-types)")
+def job_types_command(as_json: bool) -> None:
+    """The job types: name, the API scope that submits it, singleton, what it does."""
+    from api_stub.app import job_type_catalogue
+
+    catalogue = job_type_catalogue()
+    if as_json:
+        click.echo(json.dumps([t.model_dump(mode="json") for t in catalogue], indent=2))
+        return
+    for t in catalogue:
+        scope: str = t.scope
+        if t.admin_when:
+            scope += " (admin when " + " or ".join(
+                f"{k}={json.dumps(v)}" for k, v in t.admin_when.items()) + ")"
+        first = " ".join(t.description.split())  # the first paragraph, on one line
+        click.echo(f"{t.name:<26} {scope:<34} {'singleton' if t.singleton else '-':<9}  "
+                   f"{first}".rstrip())
 
 
 @cli.command()

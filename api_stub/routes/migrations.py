@@ -16,7 +16,7 @@ from api_stub.auth import require
 from api_stub.contract import links
 from api_stub.schemas import REASON_PATTERN
 from tasks.data_migrations import service
-from workers import jobstore, oplog
+from workers import jobstore, oplog, scopes
 from workers.db import session_scope
 from workers.enqueue import publish, submit
 from workers.tokens import Principal
@@ -34,6 +34,15 @@ class OptionalReason(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str | None = Field(None, min_length=1, max_length=500, pattern=REASON_PATTERN)
+
+
+def _may_run(who: Principal, name: str) -> None:
+    """The scope the migration.run these routes submit needs, decided where every job's is
+    (workers.scopes), before any state changes: the route's own scope is not the rule."""
+    try:
+        scopes.check(who, "migration.run", {"name": name})
+    except scopes.ScopeRequired as exc:
+        raise HTTPException(403, str(exc)) from exc
 
 
 def _conflict(when: str) -> dict[int | str, dict[str, Any]]:
@@ -114,6 +123,7 @@ def pause(name: str, body: Reason,
 def resume(name: str, body: OptionalReason,
            who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     """Queue a new run that starts at the checkpoint."""
+    _may_run(who, name)
     out: dict[str, Any] = _call(service.resume, name, actor=who.name,
                                 reason=body.reason or "resumed by an operator")
     sub = submit("migration.run", {"name": name}, source="api")
@@ -133,6 +143,7 @@ def cancel(name: str, body: Reason,
 def retry(name: str, body: OptionalReason,
           who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     """Run a failed migration again from its checkpoint (its failed job, retried)."""
+    _may_run(who, name)
     plan: service.RetryPlan = _call(service.retry, name, actor=who.name,
                                     reason=body.reason or "retried by an operator")
     return {"name": name, "job_id": retry_plan(plan)}

@@ -22,7 +22,8 @@ can neither read the form nor send the cookie. The login form, which has no sess
 is a double submit: a random value in a SameSite=Strict cookie that the form must repeat.
 
 Scopes: `read` to view, `admin` for every action (each needs a reason and lands in the
-operator log under the token's name, exactly as over the API).
+operator log under the token's name, exactly as over the API); a job an action submits needs
+its type's scope too, by the rule `POST /v1/jobs` applies (workers.scopes).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from tasks.backups import service as backups
 from tasks.backups.schemas import human_size
 from tasks.data_migrations import service as migrations
 from tasks.reports import service as reports
-from workers import jobstore, operator, oplog, stats
+from workers import jobstore, operator, oplog, scopes, stats
 from workers.db import session_scope
 from workers.enqueue import job_types, publisher, submit
 from workers.models import JOB_STATUSES
@@ -718,6 +719,12 @@ def migrations_page(request: Request, viewer: Reader) -> Response:
 def _steer(request: Request, viewer: Viewer, name: str, action: str,
            reason: str | None) -> Response:
     to = f"{PATH}/migrations"
+    if action == "resume":
+        # The run it submits needs its job type's scope, by the rule POST /v1/jobs uses.
+        try:
+            scopes.check(viewer.principal, "migration.run", {"name": name})
+        except scopes.ScopeRequired as exc:
+            raise _Refused(403, str(exc)) from exc
     try:
         with session_scope() as s:
             if action == "pause":

@@ -18,7 +18,10 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
     return {("run_id" if k == "id" else k): run[k] for k in keys}
 
 
-@app.task(name="audit.integrity", base=JobTask, params=Integrity, bind=True, singleton=True)
+# Checking is anyone's; fixing rewrites characters, an operator's decision (the schedule's
+# words): fix=true needs the admin scope.
+@app.task(name="audit.integrity", base=JobTask, params=Integrity, bind=True, singleton=True,
+          admin_when={"fix": True})
 def integrity(self: JobTask, params: Integrity) -> dict[str, Any]:
     """Run DOMAIN.md's eight integrity checks as set-based SQL; store the run and findings.
 

@@ -70,8 +70,11 @@ def create(self: JobTask, params: CreateBackup) -> dict[str, Any]:
     return result
 
 
+# admin: it restores into a scratch database, drops leftover scratch databases, and its
+# verdict decides what retention keeps (a failed verdict gets no slot). The nightly chain
+# submits it from within its jobs.
 @app.task(name="backup.verify", base=JobTask, params=VerifyBackup, bind=True, singleton=True,
-          max_attempts=3)
+          max_attempts=3, scope="admin")
 def verify(self: JobTask, params: VerifyBackup) -> dict[str, Any]:
     """Prove a backup restorable: checksum, TOC, restore into a scratch database, row counts
     against the manifest, integrity checks on the copy; the verdict is stored on the backup.
@@ -84,7 +87,9 @@ def verify(self: JobTask, params: VerifyBackup) -> dict[str, Any]:
                                  complete=self.complete, check_owned=self.check_owned)
 
 
-@app.task(name="backup.prune", base=JobTask, params=PruneBackups, bind=True, singleton=True)
+# admin: it deletes backups, and its params can lower every limit to 0.
+@app.task(name="backup.prune", base=JobTask, params=PruneBackups, bind=True, singleton=True,
+          scope="admin")
 def prune(self: JobTask, params: PruneBackups) -> dict[str, Any]:
     """Apply retention (7 daily, 4 weekly, 6 monthly by default), never deleting the newest
     verified backup nor one whose verification is pending.

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.data_migrations import registry
+from workers.scopes import PRINCIPAL_FIELD
 
 
 def _enum_names(schema: dict[str, Any]) -> None:
@@ -47,7 +48,14 @@ class MigrationReverse(BaseModel):
     name: str = Field(max_length=100, description="a registered, reversible migration",
                       json_schema_extra=_enum_names)
     reason: str = Field(min_length=1, max_length=500, description="why (operator log)")
-    actor: str = Field("api", max_length=100, description="who asked (operator log)")
+    # Who asked, for the operator log: set by whoever submits the job from its principal
+    # (workers.scopes.on_behalf_of), never a client's choice. Kept as a field so that jobs
+    # queued with one still validate; absent, the log names the job itself.
+    actor: str | None = Field(None, max_length=100,
+                              description="set by Warden to the submitting principal (the "
+                                          "API token's name, or cli:<login>); a value sent "
+                                          "by a client is replaced",
+                              json_schema_extra=PRINCIPAL_FIELD)
 
     _name = field_validator("name")(_known)
 

@@ -24,7 +24,9 @@ def _hooks(task: JobTask) -> service.Hooks:
                          job_id=task.job_id, submit=service.successor_in)
 
 
-@app.task(name="migration.run", base=JobTask, params=MigrationRun, bind=True)
+# Every migration job steers a migration, which the /v1/migrations routes allow only to
+# admin: the same scope here, or a service token could do with a job what the routes refuse.
+@app.task(name="migration.run", base=JobTask, params=MigrationRun, bind=True, scope="admin")
 def run(self: JobTask, params: MigrationRun) -> dict[str, Any]:
     """Run a data migration batch by batch from its checkpoint.
 
@@ -36,18 +38,22 @@ def run(self: JobTask, params: MigrationRun) -> dict[str, Any]:
                        hooks=_hooks(self))
 
 
-@app.task(name="migration.reverse", base=JobTask, params=MigrationReverse, bind=True)
+@app.task(name="migration.reverse", base=JobTask, params=MigrationReverse, bind=True,
+          scope="admin")
 def reverse(self: JobTask, params: MigrationReverse) -> dict[str, Any]:
     """Undo a data migration batch by batch and set it back to pending.
 
     Idempotency: each batch deletes only rows the migration made; a rerun deletes what is
     left and nothing else.
     """
-    return service.reverse(params.name, actor=params.actor, reason=params.reason,
-                           hooks=_hooks(self))
+    # `actor` is the submitting principal (workers.scopes.on_behalf_of); a job submitted
+    # without one (beat, a bare `celery call`) is logged as itself, never as "api".
+    return service.reverse(params.name, actor=params.actor or f"job:{self.job_id}",
+                           reason=params.reason, hooks=_hooks(self))
 
 
-@app.task(name="migration.retry_failed", base=JobTask, params=RetryFailed, bind=True)
+@app.task(name="migration.retry_failed", base=JobTask, params=RetryFailed, bind=True,
+          scope="admin")
 def retry_failed(self: JobTask, params: RetryFailed) -> dict[str, Any]:
     """Enqueue a run for every failed migration whose attempt budget is not spent.
 

@@ -22,8 +22,9 @@ def ping(self: JobTask, params: Ping) -> dict[str, str]:
         return self.complete(session, {"echo": params.echo, "job_id": self.job_id})
 
 
+# admin: it deletes job history (operator maintenance; beat runs it nightly).
 @app.task(name="platform.prune_jobs", base=JobTask, params=PruneJobs, bind=True,
-          singleton=True)
+          singleton=True, scope="admin")
 def prune_jobs(self: JobTask, params: PruneJobs) -> dict[str, Any]:
     """Delete finished jobs older than their retention, one fenced batch at a time.
 

@@ -56,8 +56,10 @@ def health(self: JobTask, params: Health) -> dict[str, Any]:
     return result
 
 
+# admin: report.health queues it itself; sent on request, it pages whoever receives the
+# webhook with any stored report's alert, which is an operator's call.
 @app.task(name=ALERT_TASK, base=JobTask, params=DeliverAlert, bind=True,
-          max_attempts=ALERT_ATTEMPTS)
+          max_attempts=ALERT_ATTEMPTS, scope="admin")
 def deliver_alert(self: JobTask, params: DeliverAlert) -> dict[str, Any]:
     """POST a degraded report's alert to WARDEN_ALERT_WEBHOOK_URL; every attempt recorded.
 

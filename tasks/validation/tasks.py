@@ -81,7 +81,9 @@ def _result(sweep: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, 
             "totals": sweep["totals"], "children": children}
 
 
-@app.task(name=CHUNK_TASK, base=JobTask, params=Chunk, bind=True)
+# admin: a sweep's fan-out submits its chunks; submitted on its own, a chunk writes issues
+# under a sweep and id range the client names (an operator's repair, never a service's).
+@app.task(name=CHUNK_TASK, base=JobTask, params=Chunk, bind=True, scope="admin")
 def check_chunk(self: JobTask, params: Chunk) -> dict[str, Any]:
     """Validate one id range of a sweep's candidates and store their issues.
 

@@ -61,3 +61,19 @@ def test_slot_key_is_the_scheduled_slot_not_the_firing_time() -> None:
     assert due is not None
     assert slot_key(entry, due) == f"{entry.name}:2026-11-23T10:10"
     assert scheduled_time(object()) is None
+
+
+def test_every_task_names_a_scope_and_raises_it_only_by_its_own_params() -> None:
+    from workers.models import SCOPES
+    from workers.scopes import principal_fields
+
+    for name, task in registered_job_tasks().items():
+        # a scope a token can have, read never being enough to submit
+        assert task.scope in SCOPES and task.scope != "read", f"{name}: scope {task.scope!r}"
+        # admin_when names fields of the params model, and only raises (from enqueue)
+        for field in task.admin_when or {}:
+            assert field in task.params.model_fields, f"{name}: admin_when names {field!r}"
+        assert not (task.admin_when and task.scope == "admin"), f"{name}: admin_when is moot"
+        # a field set from the principal is a string the producer may always fill in
+        for field in principal_fields(task.params):
+            assert not task.params.model_fields[field].is_required(), f"{name}.{field}"
