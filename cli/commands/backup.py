@@ -10,11 +10,14 @@ import getpass
 import json
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from tasks.backups.schemas import human_size
+
+if TYPE_CHECKING:
+    from tasks.backups.restore import RestoreReport
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -62,8 +65,9 @@ def _submit_and_maybe_wait(job_type: str, params: dict[str, Any], wait: bool, ti
                                   default=str))
             sys.exit(0 if row["status"] == "succeeded" else 1)
         time.sleep(0.25)
-    _fail(f"job {job_id} not finished after {timeout:.0f}s (still running; see `warden job "
-          f"{job_id}`)")
+    from cli.waiting import not_finished
+
+    _fail(not_finished(job_id, timeout))
 
 
 @click.group()
@@ -182,7 +186,14 @@ def adopt_cmd() -> None:
               help="restore over a non-empty database; twice for the live application database")
 @click.option("--reason", default=None, help="recorded in the operator log")
 def restore(backup_id: int, target_db: str, force: int, reason: str | None) -> None:
-    """Restore a backup into a database: checksum first, row counts after."""
+    """Restore a backup into a database: checksum first, row counts after.
+
+    The jobs the backup held unfinished (queued, retrying, running, waiting) are ended in
+    the restored database before anything is reported: `cancelled` in a copy, so that no
+    worker started on it ever runs them; `failed` over the live database (--force twice),
+    so that nothing from the backup's time runs again unless an operator retries it. Both
+    with error_code restored_copy and a message naming the backup, the database and when.
+    """
     from tasks.backups import restore as restoring
     from workers.errors import JobError
 
@@ -205,10 +216,42 @@ def restore(backup_id: int, target_db: str, force: int, reason: str | None) -> N
                    f"{'-' if restored is None else restored:>10}{mark}")
     if report.adopted:
         click.echo(f"backups table rebuilt from {report.adopted} manifests in the backup dir")
+    click.echo(_jobs_line(report, live=report.jobs_stopped_as == "failed"))
     if not report.ok:
         _fail("restored row counts differ from the backup's manifest (see MISMATCH above)")
     counted = sum(1 for expected, _ in report.counts.values() if expected is not None)
     click.echo(f"all {counted} tables of the backup match its row counts")
+    if report.jobs_stopped_as == "cancelled":
+        click.echo(f"audit the copy in this process (no broker, no worker): "
+                   f"WARDEN_DATABASE_URL={_copy_url(target_db)} warden audit --inline")
+
+
+def _jobs_line(report: RestoreReport, *, live: bool) -> str:
+    """What the restore did to the unfinished jobs the backup held."""
+    from tasks.backups.restore import RESTORED_JOB_CODE
+
+    n = sum(report.jobs_stopped.values())
+    where = "of the backup" if live else "in the copy"
+    what = "marked failed" if live else "cancelled"
+    line = f"{n} unfinished job(s) {where} {what}"
+    if not n:
+        return line
+    states = ", ".join(f"{k} {v}" for k, v in sorted(report.jobs_stopped.items()))
+    line += f" ({states}; error_code {RESTORED_JOB_CODE}): "
+    if live:
+        return line + ("nothing from the backup's time runs again by itself; retry what "
+                       "should: `warden retry --status failed --type TYPE --reason ...`")
+    return line + "no worker or relay started on the copy will run them"
+
+
+def _copy_url(target_db: str) -> str:
+    """The application database's URL with the copy's name (the password hidden)."""
+    from sqlalchemy.engine import make_url
+
+    from workers.settings import get_settings
+
+    url = make_url(get_settings().libpq_dsn()).set(database=target_db)
+    return url.render_as_string(hide_password=True)
 
 
 COMMANDS = [backup, restore]

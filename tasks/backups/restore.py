@@ -5,6 +5,16 @@ application database (unless --force is given twice), a file whose checksum diff
 its manifest. The restore is one transaction (pg_restore --single-transaction
 --exit-on-error): if it fails, the target is as it was (a database this command created is
 dropped again).
+
+The jobs the dump caught unfinished (queued, retrying, running, waiting) are ended in the
+restored database right after pg_restore commits, in the transaction that counts its rows,
+before anything is reported (`stop_unfinished_jobs`; pg_restore's one transaction cannot
+carry a statement of ours, so only a process already connected to the target in those
+milliseconds could see them).
+Why: they are the source database's jobs. A worker or relay started on a copy would run
+them there again, and one that writes outside the database does it in the live places (a
+`backup.create` caught running by its own dump wrote a dump of the copy into the live
+backup folder: operator drill D8).
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,11 @@ log = structlog.get_logger("warden.backups")
 
 class RestoreRefused(Exception):
     """A restore the operator must confirm, or cannot do; nothing was changed."""
+
+
+# The job rows a restore ends, and the code they end with (filter on it: `warden jobs`).
+UNFINISHED_JOB_STATUSES = ("queued", "retrying", "running", "waiting")
+RESTORED_JOB_CODE = "restored_copy"
 
 
 # Anything a user made: relations, functions, schemas other than public.
@@ -133,6 +149,10 @@ class RestoreReport:
     counts: dict[str, tuple[int | None, int | None]]
     source: str
     adopted: int = 0
+    # Unfinished jobs of the dump, ended by the restore: how many were in each status, and
+    # the status they were given (cancelled in a copy, failed over the live database).
+    jobs_stopped: dict[str, int] = field(default_factory=dict)
+    jobs_stopped_as: str = "cancelled"
 
     @property
     def ok(self) -> bool:
@@ -180,16 +200,68 @@ def restore(backup_id: int, target_db: str, *, force: int = 0, actor: str = "cli
                     drop_database(admin, target_db)
             raise RestoreRefused(f"pg_restore failed (exit {code}); {target_db} is unchanged: "
                                  f"{stderr[-1500:]}")
-    with target.connect() as conn:
+    stopped_as = "failed" if is_live else "cancelled"
+    with target.connect() as conn, conn.transaction():
+        # Counted first: the counts check what pg_restore wrote, and ending the jobs adds
+        # rows of its own (job_events, the outcomes' counters).
         restored = count_rows(conn)
+        stopped = stop_unfinished_jobs(conn, backup_id=backup_id, target_db=target_db,
+                                       live=is_live)
     counts = {t: (located.tables.get(t), restored.get(t))
               for t in sorted(set(located.tables) | set(restored))}
     report = RestoreReport(backup_id, target_db, not exists, round(seconds, 3), counts,
-                           located.source)
+                           located.source, jobs_stopped=stopped, jobs_stopped_as=stopped_as)
     if is_live:
         report.adopted = adopt_manifests()
     _record(report, actor, reason)
     return report
+
+
+def stop_unfinished_jobs(conn: psycopg.Connection[Any], *, backup_id: int, target_db: str,
+                         live: bool) -> dict[str, int]:
+    """End every job of the restored database that is not finished, in the caller's
+    transaction; returns how many there were per status they had.
+
+    Into a copy they become `cancelled` (error_code restored_copy): no worker or relay
+    started on the copy ever runs them, and `warden retry` refuses them there. Over the
+    live database (--force --force, disaster recovery) they become `failed` with the same
+    code: their messages went with the old broker state, and whether a job from the
+    backup's time should still run is the operator's call, not the relay's: a failed job
+    can be retried, one by one or by filter (`warden retry --status failed --type T`).
+    Either way the epoch moves on, so a run that still held one of them commits nothing.
+    """
+    if conn.execute("SELECT to_regclass('job_runs')").fetchone() in (None, (None,)):
+        return {}  # a backup without the job table (not Warden's, or before it existed)
+    present = {str(r[0]) for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = 'job_runs'")}
+    # Columns of later migrations: a backup taken at an older schema comes back without them.
+    extra = [f"{c} = NULL" for c in ("lease_expires_at", "next_attempt_at") if c in present]
+    if "epoch" in present:
+        extra.append("epoch = j.epoch + 1")
+    at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if live:
+        message = (f"unfinished in backup {backup_id}, restored over the live database "
+                   f"{target_db} at {at}: not run again by itself after the restore; retry "
+                   "it (by id, or by filter) if it should still run")
+    else:
+        message = (f"unfinished in backup {backup_id}, restored into the copy {target_db} at "
+                   f"{at}: a job of the database the backup was taken from, never run in "
+                   "the copy")
+    sets = ", ".join(["status = %(st)s", "finished_at = now()", "error_code = %(code)s",
+                      "error_message = %(msg)s", *extra])
+    rows = conn.execute(
+        "WITH was AS (SELECT id, status FROM job_runs WHERE status = ANY(%(open)s) "
+        "ORDER BY id FOR UPDATE) "
+        f"UPDATE job_runs j SET {sets} FROM was WHERE j.id = was.id RETURNING was.status",
+        {"st": "failed" if live else "cancelled", "code": RESTORED_JOB_CODE, "msg": message,
+         "open": list(UNFINISHED_JOB_STATUSES)}).fetchall()
+    stopped: dict[str, int] = {}
+    for (status,) in rows:
+        stopped[str(status)] = stopped.get(str(status), 0) + 1
+    if stopped:
+        log.info("backup.restore_jobs_stopped", target=target_db, stopped=stopped, live=live)
+    return stopped
 
 
 def _record(report: RestoreReport, actor: str, reason: str | None) -> None:
@@ -200,7 +272,9 @@ def _record(report: RestoreReport, actor: str, reason: str | None) -> None:
                          reason=reason or f"restore of backup {report.backup_id}",
                          count=sum(r or 0 for _, r in report.counts.values()),
                          details={"backup_id": report.backup_id, "created": report.created,
-                                  "seconds": report.seconds, "matches": report.ok})
+                                  "seconds": report.seconds, "matches": report.ok,
+                                  "jobs_stopped": report.jobs_stopped,
+                                  "jobs_stopped_as": report.jobs_stopped_as})
     except Exception as exc:
         log.warning("backup.restore_not_logged", error=type(exc).__name__)
 
