@@ -86,6 +86,10 @@ def test_a_bare_message_is_refused_unless_adoption_is_allowed(services: Services
         with Connection(iso.redis_url) as broker:
             app.send_task("testing.sleep_effect", kwargs={"params": {"seconds": 0}},
                           task_id=job_id, connection=broker)
+        deadline = time.monotonic() + 30
+        while not iso.count("SELECT count(*) FROM job_runs WHERE id = %s", job_id):
+            assert time.monotonic() < deadline, adopting.tail(20_000)
+            time.sleep(0.1)
         done = iso.wait(job_id, {"succeeded", "failed"}, timeout=30)
         assert (done["status"], done["source"]) == ("succeeded", "celery")
     finally:
