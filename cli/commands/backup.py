@@ -188,11 +188,11 @@ def adopt_cmd() -> None:
 def restore(backup_id: int, target_db: str, force: int, reason: str | None) -> None:
     """Restore a backup into a database: checksum first, row counts after.
 
-    The jobs the backup held unfinished (queued, retrying, running, waiting) are ended in
-    the restored database before anything is reported: `cancelled` in a copy, so that no
-    worker started on it ever runs them; `failed` over the live database (--force twice),
-    so that nothing from the backup's time runs again unless an operator retries it. Both
-    with error_code restored_copy and a message naming the backup, the database and when.
+    The jobs the backup held unfinished (queued, retrying, running, waiting) are cancelled
+    in the restored database before anything is reported (error_code restored_copy, a
+    message naming the backup, the database and when): no worker started on a copy ever
+    runs them, and over the live database (--force twice) nothing from the backup's time
+    runs again by itself either; an operator submits again what should still run.
     """
     from tasks.backups import restore as restoring
     from workers.errors import JobError
@@ -216,31 +216,30 @@ def restore(backup_id: int, target_db: str, force: int, reason: str | None) -> N
                    f"{'-' if restored is None else restored:>10}{mark}")
     if report.adopted:
         click.echo(f"backups table rebuilt from {report.adopted} manifests in the backup dir")
-    click.echo(_jobs_line(report, live=report.jobs_stopped_as == "failed"))
+    click.echo(_jobs_line(report))
     if not report.ok:
         _fail("restored row counts differ from the backup's manifest (see MISMATCH above)")
     counted = sum(1 for expected, _ in report.counts.values() if expected is not None)
     click.echo(f"all {counted} tables of the backup match its row counts")
-    if report.jobs_stopped_as == "cancelled":
+    if not report.over_live:
         click.echo(f"audit the copy in this process (no broker, no worker): "
                    f"WARDEN_DATABASE_URL={_copy_url(target_db)} warden audit --inline")
 
 
-def _jobs_line(report: RestoreReport, *, live: bool) -> str:
+def _jobs_line(report: RestoreReport) -> str:
     """What the restore did to the unfinished jobs the backup held."""
     from tasks.backups.restore import RESTORED_JOB_CODE
 
     n = sum(report.jobs_stopped.values())
-    where = "of the backup" if live else "in the copy"
-    what = "marked failed" if live else "cancelled"
-    line = f"{n} unfinished job(s) {where} {what}"
+    where = "of the backup" if report.over_live else "in the copy"
+    line = f"{n} unfinished job(s) {where} cancelled"
     if not n:
         return line
     states = ", ".join(f"{k} {v}" for k, v in sorted(report.jobs_stopped.items()))
     line += f" ({states}; error_code {RESTORED_JOB_CODE}): "
-    if live:
-        return line + ("nothing from the backup's time runs again by itself; retry what "
-                       "should: `warden retry --status failed --type TYPE --reason ...`")
+    if report.over_live:
+        return line + ("nothing from the backup's time runs again by itself; `warden jobs "
+                       "--status cancelled` lists them, submit again what should still run")
     return line + "no worker or relay started on the copy will run them"
 
 

@@ -6,8 +6,8 @@ its manifest. The restore is one transaction (pg_restore --single-transaction
 --exit-on-error): if it fails, the target is as it was (a database this command created is
 dropped again).
 
-The jobs the dump caught unfinished (queued, retrying, running, waiting) are ended in the
-restored database right after pg_restore commits, in the transaction that counts its rows,
+The jobs the dump caught unfinished (queued, retrying, running, waiting) are cancelled in
+the restored database right after pg_restore commits, in the transaction that counts its rows,
 before anything is reported (`stop_unfinished_jobs`; pg_restore's one transaction cannot
 carry a statement of ours, so only a process already connected to the target in those
 milliseconds could see them).
@@ -149,10 +149,9 @@ class RestoreReport:
     counts: dict[str, tuple[int | None, int | None]]
     source: str
     adopted: int = 0
-    # Unfinished jobs of the dump, ended by the restore: how many were in each status, and
-    # the status they were given (cancelled in a copy, failed over the live database).
+    # Unfinished jobs of the dump, cancelled by the restore: how many were in each status.
     jobs_stopped: dict[str, int] = field(default_factory=dict)
-    jobs_stopped_as: str = "cancelled"
+    over_live: bool = False  # restored over the live application database (--force twice)
 
     @property
     def ok(self) -> bool:
@@ -200,7 +199,6 @@ def restore(backup_id: int, target_db: str, *, force: int = 0, actor: str = "cli
                     drop_database(admin, target_db)
             raise RestoreRefused(f"pg_restore failed (exit {code}); {target_db} is unchanged: "
                                  f"{stderr[-1500:]}")
-    stopped_as = "failed" if is_live else "cancelled"
     with target.connect() as conn, conn.transaction():
         # Counted first: the counts check what pg_restore wrote, and ending the jobs adds
         # rows of its own (job_events, the outcomes' counters).
@@ -210,7 +208,7 @@ def restore(backup_id: int, target_db: str, *, force: int = 0, actor: str = "cli
     counts = {t: (located.tables.get(t), restored.get(t))
               for t in sorted(set(located.tables) | set(restored))}
     report = RestoreReport(backup_id, target_db, not exists, round(seconds, 3), counts,
-                           located.source, jobs_stopped=stopped, jobs_stopped_as=stopped_as)
+                           located.source, jobs_stopped=stopped, over_live=is_live)
     if is_live:
         report.adopted = adopt_manifests()
     _record(report, actor, reason)
@@ -219,16 +217,18 @@ def restore(backup_id: int, target_db: str, *, force: int = 0, actor: str = "cli
 
 def stop_unfinished_jobs(conn: psycopg.Connection[Any], *, backup_id: int, target_db: str,
                          live: bool) -> dict[str, int]:
-    """End every job of the restored database that is not finished, in the caller's
-    transaction; returns how many there were per status they had.
+    """Cancel every job of the restored database that is not finished (error_code
+    restored_copy, a message naming the restore), in the caller's transaction; returns how
+    many there were per status they had.
 
-    Into a copy they become `cancelled` (error_code restored_copy): no worker or relay
-    started on the copy ever runs them, and `warden retry` refuses them there. Over the
-    live database (--force --force, disaster recovery) they become `failed` with the same
-    code: their messages went with the old broker state, and whether a job from the
-    backup's time should still run is the operator's call, not the relay's: a failed job
-    can be retried, one by one or by filter (`warden retry --status failed --type T`).
-    Either way the epoch moves on, so a run that still held one of them commits nothing.
+    They are the jobs of the database the backup was taken from, at the backup's time: no
+    worker or relay started on a copy may run them (a claim of a cancelled job is final,
+    the relay never sends one, `warden retry` refuses one). The same over the live database
+    (--force twice, disaster recovery), and so the same whichever way a recovery goes (the
+    runbook's preferred one restores into a new database and swaps it in): their messages
+    went with the old broker state, and whether a job from the backup's time should still
+    run is an operator's call, not the relay's; `warden job ID` shows what to submit again.
+    The epoch moves on too, so a run that still held one of them commits nothing.
     """
     if conn.execute("SELECT to_regclass('job_runs')").fetchone() in (None, (None,)):
         return {}  # a backup without the job table (not Warden's, or before it existed)
@@ -240,27 +240,24 @@ def stop_unfinished_jobs(conn: psycopg.Connection[Any], *, backup_id: int, targe
     if "epoch" in present:
         extra.append("epoch = j.epoch + 1")
     at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    if live:
-        message = (f"unfinished in backup {backup_id}, restored over the live database "
-                   f"{target_db} at {at}: not run again by itself after the restore; retry "
-                   "it (by id, or by filter) if it should still run")
-    else:
-        message = (f"unfinished in backup {backup_id}, restored into the copy {target_db} at "
-                   f"{at}: a job of the database the backup was taken from, never run in "
-                   "the copy")
-    sets = ", ".join(["status = %(st)s", "finished_at = now()", "error_code = %(code)s",
+    where = (f"restored over the live database {target_db}" if live
+             else f"restored into the copy {target_db}")
+    message = (f"unfinished in backup {backup_id}, {where} at {at}: a job of the backup's "
+               "time, cancelled so that nothing runs it again by itself (submit it again if "
+               "it should still run)")
+    sets = ", ".join(["status = 'cancelled'", "finished_at = now()", "error_code = %(code)s",
                       "error_message = %(msg)s", *extra])
     rows = conn.execute(
         "WITH was AS (SELECT id, status FROM job_runs WHERE status = ANY(%(open)s) "
         "ORDER BY id FOR UPDATE) "
         f"UPDATE job_runs j SET {sets} FROM was WHERE j.id = was.id RETURNING was.status",
-        {"st": "failed" if live else "cancelled", "code": RESTORED_JOB_CODE, "msg": message,
+        {"code": RESTORED_JOB_CODE, "msg": message,
          "open": list(UNFINISHED_JOB_STATUSES)}).fetchall()
     stopped: dict[str, int] = {}
     for (status,) in rows:
         stopped[str(status)] = stopped.get(str(status), 0) + 1
     if stopped:
-        log.info("backup.restore_jobs_stopped", target=target_db, stopped=stopped, live=live)
+        log.info("backup.restore_jobs_cancelled", target=target_db, jobs=stopped, live=live)
     return stopped
 
 
@@ -273,8 +270,7 @@ def _record(report: RestoreReport, actor: str, reason: str | None) -> None:
                          count=sum(r or 0 for _, r in report.counts.values()),
                          details={"backup_id": report.backup_id, "created": report.created,
                                   "seconds": report.seconds, "matches": report.ok,
-                                  "jobs_stopped": report.jobs_stopped,
-                                  "jobs_stopped_as": report.jobs_stopped_as})
+                                  "jobs_cancelled": report.jobs_stopped})
     except Exception as exc:
         log.warning("backup.restore_not_logged", error=type(exc).__name__)
 

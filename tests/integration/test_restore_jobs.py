@@ -97,25 +97,24 @@ def test_a_restored_copy_holds_no_job_left_to_run(
     assert (claim.action, claim.status) == ("final", "cancelled")
 
 
-def test_a_restore_over_the_live_database_leaves_the_backup_s_jobs_to_an_operator(
+def test_a_restore_over_the_live_database_runs_nothing_of_the_backup_s_time_by_itself(
         backup_env: BackupEnv,
         jobs_then_backup: tuple[dict[str, str], dict[str, object]]) -> None:
-    from workers import jobstore
-
     ids, made = jobs_then_backup
-    # given the backup's running job has since finished (a restore brings it back)
+    # given the backup's running job has since finished (the restore brings it back running)
     backup_env.sql("UPDATE job_runs SET status = 'succeeded', finished_at = now(), "
                    "lease_expires_at = NULL WHERE id = %s", ids["running"])
     # when the backup is restored over the live database (disaster recovery)
     done = warden(backup_env, "restore", str(made["backup_id"]), "--target-db",
                   backup_env.dbname, "--force", "--force")
-    # then the jobs it held unfinished are failed, so nothing from the backup's time runs
-    # again by itself, and the output says how to run them again
+    # then the jobs it held unfinished are cancelled as in a copy, naming the restore, and
+    # the output says where to find them
     assert done.returncode == 0, done.stderr
-    assert "5 unfinished job(s) of the backup marked failed" in done.stdout
-    assert "warden retry --status failed" in done.stdout
+    assert ("5 unfinished job(s) of the backup cancelled (queued 2, retrying 1, running 1, "
+            "waiting 1; error_code restored_copy)") in done.stdout
+    assert "warden jobs --status cancelled" in done.stdout
+    assert "warden audit --inline" not in done.stdout  # the live database is no copy
     rows = _jobs(backup_env.database_url)
-    assert {rows[ids[r]][:2] for r in (*UNFINISHED, "child")} == {("failed", "restored_copy")}
+    assert {rows[ids[r]][:2] for r in (*UNFINISHED, "child")} == {("cancelled", "restored_copy")}
     assert "restored over the live database" in str(rows[ids["running"]][2])
-    # and an operator can retry one
-    assert jobstore.operator_retry(ids["queued"])["status"] == "queued"
+    assert rows[ids["succeeded"]][:2] == ("succeeded", None)
