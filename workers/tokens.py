@@ -96,7 +96,9 @@ class TokenCache:
 
     An unknown token costs no write and, once seen, no query for a while (negative cache);
     a string that is not token-shaped never reaches the database at all, so a flood of bad
-    tokens cannot exhaust the connection pool.
+    tokens cannot exhaust the connection pool. Unknown tokens are kept apart from known
+    ones, each side bounded by MAX_ENTRIES: a flood of token-shaped garbage fills and clears
+    only its own side, never evicting the principals of real tokens (review N18).
     """
 
     NEGATIVE_SECONDS = 5.0
@@ -105,7 +107,8 @@ class TokenCache:
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self._known: dict[str, tuple[float, Principal]] = {}
+        self._unknown: dict[str, float] = {}  # digest -> until
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -113,9 +116,13 @@ class TokenCache:
         """(found, principal) from memory only: safe to call on the event loop."""
         if not TOKEN_SHAPE.match(token):
             return True, None
-        hit = self._entries.get(hash_token(token))
-        if hit is not None and hit[0] > time.monotonic():
+        digest = hash_token(token)
+        now = time.monotonic()
+        hit = self._known.get(digest)
+        if hit is not None and hit[0] > now:
             return True, hit[1]
+        if self._unknown.get(digest, 0.0) > now:
+            return True, None
         return False, None
 
     def lookup(self, token: str) -> Principal | None:
@@ -136,10 +143,15 @@ class TokenCache:
                           {"h": digest})
                 self._touched[digest] = now
         principal = Principal(row.name, frozenset(row.scopes)) if row else None
-        ttl = self.ttl if principal is not None else max(self.ttl, self.NEGATIVE_SECONDS)
         with self._lock:
-            if len(self._entries) > self.MAX_ENTRIES:
-                self._entries.clear()
-                self._touched.clear()
-            self._entries[digest] = (now + ttl, principal)
+            if principal is None:
+                if len(self._unknown) >= self.MAX_ENTRIES:
+                    self._unknown.clear()  # a flood: it forgets only its own kind
+                self._unknown[digest] = now + max(self.ttl, self.NEGATIVE_SECONDS)
+            else:
+                if len(self._known) >= self.MAX_ENTRIES:  # as many live tokens: not a flood
+                    self._known.clear()
+                    self._touched.clear()
+                self._known[digest] = (now + self.ttl, principal)
+                self._unknown.pop(digest, None)
         return principal
