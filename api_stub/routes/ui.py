@@ -8,12 +8,12 @@ stale; every figure comes from the same functions the API and the CLI call (the 
 Sessions (docs/adr/0010-operations-page-sessions.md). The operator pastes an API token once;
 the session cookie then holds `<nonce>.<token>`, HttpOnly (no script can read it),
 SameSite=Strict (a cross-site request never carries it), Path=/ui (never sent to /v1),
-Secure over https, for 8 hours. Every request re-validates the token through the API's
-TokenCache, so a revoked token ends its sessions as fast as its bearer use, on every API
-replica, with no session store (Redis may be the thing that is down) and no new secret to
-configure or rotate. The cost: the browser holds the token itself, as the operator's
-password manager already does; a signed session id would need a server-side secret shared
-by every replica, or Redis.
+Secure (outside WARDEN_ENV=dev always, whatever scheme the API sees), for 8 hours. Every
+request re-validates the token through the API's TokenCache, so a revoked token ends its
+sessions as fast as its bearer use, on every API replica, with no session store (Redis may
+be the thing that is down) and no new secret to configure or rotate. The cost: the browser
+holds the token itself, as the operator's password manager already does; a signed session
+id would need a server-side secret shared by every replica, or Redis.
 
 CSRF: every form carries `csrf` = HMAC-SHA256(token, "warden-ui-csrf:" + nonce), per
 session (a fresh nonce at each login); a POST without the right value is 403 before any
@@ -255,8 +255,12 @@ Admin = Annotated[Viewer, Depends(admin)]
 
 def _cookie(response: Response, request: Request, name: str, value: str,
             max_age: int) -> None:
+    # Secure unless WARDEN_ENV=dev: behind a TLS proxy on another host uvicorn sees http
+    # (it trusts forwarded headers from 127.0.0.1 only), and a cookie that carries the token
+    # must never go out over plain http (review N17). Plain http works in dev only.
+    secure = request.url.scheme == "https" or get_settings().env != "dev"
     response.set_cookie(name, value, max_age=max_age, path=PATH, httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https")
+                        samesite="strict", secure=secure)
 
 
 def _flash(response: Response, request: Request, text: str, ok: bool = True) -> Response:

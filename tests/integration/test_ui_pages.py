@@ -7,6 +7,7 @@ rules a browser cannot show: the cookie's attributes, the 403s, the escaping.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -111,6 +112,38 @@ def test_over_https_the_cookie_is_secure(app: Any, tokens: dict[str, str]) -> No
         r = client.post("/ui/login", data={"token": tokens["read"], "csrf": _csrf(form.text)})
         cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("warden_ui="))
         assert "secure" in {a.strip().lower() for a in cookie.split(";")}
+
+
+def test_outside_dev_the_cookie_is_secure_even_when_the_api_sees_http(
+        app: Any, tokens: dict[str, str]) -> None:
+    # given a deployment that is not dev, behind a TLS proxy on another host: the browser
+    # speaks https, uvicorn trusts no forwarded header and sees http (review N17)
+    from workers.settings import get_settings
+
+    saved = os.environ.get("WARDEN_ENV")
+    os.environ["WARDEN_ENV"] = "prod"
+    get_settings.cache_clear()
+    try:
+        with _client(app) as client:
+            form = client.get("/ui/login")
+            # (the browser sends the login cookie back over its https; this client, seeing
+            # http, would not send a Secure cookie, so it is sent by hand)
+            login = next(c for c in form.headers.get_list("set-cookie")
+                         if c.startswith("warden_ui_login="))
+            nonce = login.split(";")[0].split("=", 1)[1]
+            r = client.post("/ui/login", data={"token": tokens["read"], "csrf": _csrf(form.text)},
+                            headers={"Cookie": f"warden_ui_login={nonce}"})
+    finally:
+        if saved is None:
+            os.environ.pop("WARDEN_ENV", None)
+        else:
+            os.environ["WARDEN_ENV"] = saved
+        get_settings.cache_clear()
+    # then both cookies, the session's (the token itself) above all, are Secure
+    assert r.status_code == 303, r.text
+    session = next(c for c in r.headers.get_list("set-cookie") if c.startswith("warden_ui="))
+    assert "secure" in {a.strip().lower() for a in session.split(";")}
+    assert "secure" in {a.strip().lower() for a in login.split(";")}
 
 
 def test_a_bad_token_or_a_forged_login_cannot_log_in_and_the_token_is_never_echoed(
