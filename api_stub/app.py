@@ -302,8 +302,10 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     # -- health and metrics -------------------------------------------------------------------
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
+        # async and without I/O: answered on the event loop, never queued behind the sync
+        # routes' thread pool (which a stalled dependency can fill).
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=ReadyOut,
@@ -396,13 +398,15 @@ def _authorize(who: Principal, job_type: str, params: Any) -> None:
         raise HTTPException(403, str(exc)) from exc
 
 
-def job_out(row: Any) -> JobOut:
-    """One job in full: its children by status, and what it waits on."""
+def job_out(row: Any, *, consumers: why.Consumers = why.LOOK_UP) -> JobOut:
+    """One job in full: its children by status, and what it waits on (`consumers`: the
+    queue's consumers, looked up once by a caller that shows many jobs)."""
     out = JobOut.from_row(row)
     if out.children_total:
         out.children = jobstore.children_summary(out.id)
     task = job_types().get(out.type)
-    out.waiting_on = why.explain(row, singleton=bool(getattr(task, "singleton", False)))
+    out.waiting_on = why.explain(row, singleton=bool(getattr(task, "singleton", False)),
+                                 consumers=consumers)
     return out
 
 

@@ -19,14 +19,24 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import redis
 import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from workers.redis_client import get_redis, key
+from workers.settings import get_settings
 
 log = structlog.get_logger("warden.liveness")
 
 WORKER_BEAT = 10.0
 WORKER_TTL = 3 * WORKER_BEAT
+# "Which workers consume this queue?" for the jobs an operator reads (review N9): while Redis
+# hung, each ask waited out the shared client's 5 s socket timeout, once per queued job (25
+# on a /ui page), holding an API thread. Asked with this timeout instead, and an unanswered
+# ask remembered this long per process, a stall costs one 0.5 s wait every few seconds.
+PROBE_TIMEOUT = 0.5
+UNREACHABLE_SECONDS = 3.0
 
 
 class WorkerBeat:
@@ -94,6 +104,58 @@ def live_workers() -> list[dict[str, Any]]:
 def consumers(queue: str) -> list[str]:
     """Node names of the live workers consuming `queue`."""
     return [str(w["node"]) for w in live_workers() if queue in (w.get("queues") or [])]
+
+
+_probe: tuple[int, str, redis.Redis] | None = None
+_unreachable_until: dict[str, float] = {}
+_probe_lock = threading.Lock()
+
+
+def _probe_client() -> redis.Redis:
+    """A client of its own with PROBE_TIMEOUT and no retries (per process and URL)."""
+    global _probe
+    url = get_settings().redis_dsn()
+    if _probe is None or _probe[:2] != (os.getpid(), url):
+        client = redis.Redis.from_url(url, socket_connect_timeout=PROBE_TIMEOUT,
+                                      socket_timeout=PROBE_TIMEOUT, decode_responses=True,
+                                      retry=Retry(NoBackoff(), 0))
+        _probe = (os.getpid(), url, client)
+    return _probe[2]
+
+
+def queue_consumers(queue: str) -> list[str] | None:
+    """Node names of the live workers consuming `queue`, or None when Redis does not answer
+    within PROBE_TIMEOUT; None is then the answer for UNREACHABLE_SECONDS without asking.
+    An answer is never cached: a worker that just started must show at once. One caller
+    asks at a time, so threads arriving during a stall share one wait."""
+    url = get_settings().redis_dsn()
+    with _probe_lock:
+        if _unreachable_until.get(url, 0.0) > time.monotonic():
+            return None
+        client = _probe_client()
+        try:
+            nodes = []
+            for name in client.scan_iter(match=key("worker:*"), count=500):
+                raw = client.get(name)
+                worker = _parse(raw)
+                if worker is not None and queue in (worker.get("queues") or []):
+                    nodes.append(str(worker["node"]))
+        except Exception as exc:  # hung, refused, unresolvable: say so, do not wait again
+            _unreachable_until[url] = time.monotonic() + UNREACHABLE_SECONDS
+            log.warning("liveness.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+            return None
+        _unreachable_until.pop(url, None)
+        return sorted(nodes)
+
+
+def _parse(raw: Any) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def held_by_live_workers() -> set[str]:

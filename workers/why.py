@@ -8,9 +8,10 @@ children), the outbox, the workers, the queue ahead of it.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import text
 
@@ -20,13 +21,28 @@ REASONS = ("done", "failed", "dead", "cancelled", "running", "children", "countd
            "backoff", "singleton", "outbox", "no_worker", "queue")
 
 
+class _Consumers(enum.Enum):
+    LOOK_UP = "look up"
+
+
+# explain(consumers=...) default: ask Redis (workers.liveness.queue_consumers) if needed.
+LOOK_UP: Literal[_Consumers.LOOK_UP] = _Consumers.LOOK_UP
+# What a caller may pass: the consumers, None (Redis did not answer), or LOOK_UP.
+Consumers = list[str] | None | Literal[_Consumers.LOOK_UP]
+UNREACHABLE = "Redis unreachable: cannot tell which workers consume"
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def explain(row: Mapping[str, Any], *, singleton: bool = False,
-            queue: str | None = None) -> dict[str, Any]:
-    """`{"reason", "message", ...details}` for a job row (JOB_COLUMNS of jobstore)."""
+def explain(row: Mapping[str, Any], *, singleton: bool = False, queue: str | None = None,
+            consumers: Consumers = LOOK_UP
+            ) -> dict[str, Any]:
+    """`{"reason", "message", ...details}` for a job row (JOB_COLUMNS of jobstore).
+
+    `consumers`: the queue's consumers when the caller looked them up already (None: Redis
+    did not answer), so that a page of jobs asks Redis once, not once per queued job."""
     from workers.celery_app import QUEUE
 
     queue = queue or QUEUE
@@ -77,12 +93,12 @@ def explain(row: Mapping[str, Any], *, singleton: bool = False,
             return {"reason": "outbox",
                     "message": "not yet published (outbox): the relay sends it within seconds "
                                "while Redis is reachable"}
-        from workers.liveness import consumers
+        if consumers is LOOK_UP:
+            from workers.liveness import queue_consumers
 
-        try:
-            live = consumers(queue)
-        except Exception:  # Redis away: say so rather than guess
-            live = None
+            live = queue_consumers(queue)
+        else:
+            live = consumers
         if live == []:
             return {"reason": "no_worker", "queue": queue,
                     "message": f"no worker consumes its queue {queue!r}"}
@@ -93,7 +109,7 @@ def explain(row: Mapping[str, Any], *, singleton: bool = False,
                  "< GREATEST(CAST(:p AS timestamptz), COALESCE(CAST(:n AS timestamptz), "
                  "CAST(:nb AS timestamptz), '-infinity'))"),
             {"p": row["published_at"], "n": next_at, "nb": not_before}).scalar_one()
+    workers = f", {len(live)} worker(s) consuming" if live else f"; {UNREACHABLE}"
     return {"reason": "queue", "queue": queue, "ahead": int(ahead), "workers": live,
-            "message": f"{ahead} job(s) ahead of it in queue {queue!r}"
-                       + (f", {len(live)} worker(s) consuming" if live else "")}
+            "message": f"{ahead} job(s) ahead of it in queue {queue!r}{workers}"}
 

@@ -57,7 +57,8 @@ from tasks.backups import service as backups
 from tasks.backups.schemas import human_size
 from tasks.data_migrations import service as migrations
 from tasks.reports import service as reports
-from workers import jobstore, operator, oplog, scopes, stats
+from workers import jobstore, liveness, operator, oplog, scopes, stats, why
+from workers.celery_app import QUEUE
 from workers.db import session_scope
 from workers.enqueue import job_types, publisher, submit
 from workers.models import JOB_STATUSES
@@ -376,10 +377,10 @@ def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
 
 # -- jobs ------------------------------------------------------------------------------------
 
-def _job_view(row: Any) -> JobOut:
+def _job_view(row: Any, consumers: why.Consumers = why.LOOK_UP) -> JobOut:
     """A job as the API shows it (its children by status, what it waits on): the API's
     own view, not a second one."""
-    return job_out(row)
+    return job_out(row, consumers=consumers)
 
 
 def _cursor(created_at: datetime, job_id: Any) -> str:
@@ -411,7 +412,12 @@ def _job_list(status: str, job_type: str, before: str) -> dict[str, Any]:
         errors.append("that page link is not valid; showing the first page")
     rows = jobstore.list_jobs(status=status or None, job_type=job_type[:100] or None,
                               limit=PAGE + 1, before=cursor)
-    jobs = [_job_view(r) for r in rows[:PAGE]]
+    # Which workers consume the queue: asked once for the page, not once per queued row
+    # (while Redis hangs that was a wait per row; review N9).
+    live: why.Consumers = why.LOOK_UP
+    if any(r["status"] in ("queued", "retrying") for r in rows[:PAGE]):
+        live = liveness.queue_consumers(QUEUE)
+    jobs = [_job_view(r, live) for r in rows[:PAGE]]
     query = {k: v for k, v in (("status", status), ("type", job_type)) if v}
     more = None
     if len(rows) > PAGE:

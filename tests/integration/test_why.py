@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -15,6 +18,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, Isolated, Services, isolated, start_api
+from workers.liveness import UNREACHABLE_SECONDS
 from workers.tokens import hash_token
 
 TOKEN = "wdn_why-test-token-0123456789"
@@ -124,3 +128,78 @@ def test_a_parent_waits_for_its_children(deployment: tuple[Isolated, str]) -> No
     why = _why(base, parent)
     assert why["reason"] == "children"
     assert why["message"] == "waiting for 3 of 4 child jobs to end"
+
+
+class HungRedis:
+    """A TCP server that accepts and never answers: Redis hung (a paused server, a half-open
+    path), not refusing. Counts the connections made to it."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._held: list[socket.socket] = []
+        self.url = f"redis://127.0.0.1:{self._server.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self._held.append(conn)
+
+    @property
+    def connections(self) -> int:
+        return len(self._held)
+
+    def close(self) -> None:
+        self._server.close()
+        for conn in self._held:
+            conn.close()
+
+
+def test_while_redis_hangs_a_job_and_a_page_of_jobs_answer_at_once(
+    services: Services, deployment: tuple[Isolated, str]
+) -> None:
+    # given an API whose Redis accepts connections and never answers (its relay idle, so
+    # only the reads below talk to it), and a page of queued, published jobs
+    iso, _ = deployment
+    hung = HungRedis()
+    api, base = start_api(services, env={**iso.env, "WARDEN_REDIS_URL": hung.url,
+                                         "WARDEN_RELAY_INTERVAL": "3600"})
+    try:
+        jobs = [_job(iso, "testing.sleep_effect", "published_at = now()") for _ in range(25)]
+        # when one of them is read
+        started = time.monotonic()
+        r = httpx.get(f"{base}/v1/jobs/{jobs[-1]}", timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}"})
+        took = time.monotonic() - started
+        # then it answers well inside Redis's 5 s socket timeout, saying what it cannot tell
+        assert r.status_code == 200, r.text
+        why = r.json()["waiting_on"]
+        assert why["reason"] == "queue", why
+        assert why["message"].endswith("Redis unreachable: cannot tell which workers consume")
+        assert took < 2, took
+        # when an operator opens the jobs page (after the remembered failure has lapsed)
+        with httpx.Client(base_url=base, timeout=60, follow_redirects=False) as ui:
+            form = ui.get("/ui/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+            assert csrf is not None, form.text[:500]
+            login = ui.post("/ui/login", data={"token": TOKEN, "csrf": csrf.group(1)})
+            assert login.status_code == 303, login.text
+            time.sleep(UNREACHABLE_SECONDS + 0.5)
+            asked = hung.connections
+            started = time.monotonic()
+            page = ui.get("/ui/jobs", params={"status": "queued"})
+            took = time.monotonic() - started
+        # then its 25 queued jobs say so, Redis was asked once for all of them, and the page
+        # took about one short wait, not 25 socket timeouts
+        assert page.status_code == 200, page.text[:500]
+        assert page.text.count("Redis unreachable: cannot tell which workers consume") == 25
+        assert hung.connections - asked <= 1
+        assert took < 2, took
+        # and liveness never waits behind it
+        assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+    finally:
+        api.stop()
+        hung.close()
