@@ -83,7 +83,8 @@ class Claim:
     action: run (this run owns the job: `epoch`), done (already succeeded: `result`),
     final (failed/dead/cancelled/expired), waiting (a parent waiting for its children),
     busy (another live run owns it), singleton_busy (another job of the type runs),
-    dead (the attempt budget was spent by lost workers).
+    dead (the attempt budget was spent by lost workers), early (not due yet: `due_in`),
+    foreign (no row, and adoption is not allowed: another database's message).
     """
 
     action: str
@@ -193,17 +194,22 @@ def claim(
     settings = get_settings()
     args = {"id": jid, "o": owner, "w": worker, "ttl": settings.lease_ttl, "t": job_type,
             "lost": settings.relay_lost_after, "max_lapses": MAX_LAPSES}
-    row = with_retry(lambda: _claim_once(args, singleton), "claim")
-    if row is not None:
-        if row.status == "cancelled":
-            return Claim("final", row.attempts, row.max_attempts, row.epoch, status="cancelled")
-        return Claim("run", row.attempts, row.max_attempts, row.epoch,
-                     idempotency_key=row.idempotency_key)
-    return with_retry(
-        lambda: _not_claimed(jid, job_type, params, args, default_max_attempts, singleton,
-                             adopt),
-        "claim-inspect",
-    )
+    for _ in range(2):  # a second round only for a singleton just given a queued row
+        row = with_retry(lambda: _claim_once(args, singleton), "claim")
+        if row is not None:
+            if row.status == "cancelled":
+                return Claim("final", row.attempts, row.max_attempts, row.epoch,
+                             status="cancelled")
+            return Claim("run", row.attempts, row.max_attempts, row.epoch,
+                         idempotency_key=row.idempotency_key)
+        found = with_retry(
+            lambda: _not_claimed(jid, job_type, params, args, default_max_attempts, singleton,
+                                 adopt),
+            "claim-inspect",
+        )
+        if found.action != "adopted":
+            return found
+    return Claim("busy")
 
 
 def _claim_once(args: dict[str, Any], singleton: bool) -> Any:
@@ -247,7 +253,7 @@ def _not_claimed(jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any
         if cur is None:
             if not adopt:
                 return Claim("foreign")
-            return _adopt(s, jid, job_type, params, args, default_max_attempts)
+            return _adopt(s, jid, job_type, params, args, default_max_attempts, singleton)
 
         def claim_as(action: str, status: str | None = None, due_in: float = 0.0) -> Claim:
             return Claim(action, cur.attempts, cur.max_attempts, cur.epoch,
@@ -296,13 +302,22 @@ def _not_claimed(jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any
 
 
 def _adopt(s: Any, jid: uuid.UUID, job_type: str, params: Any, args: dict[str, Any],
-           default_max_attempts: int) -> Claim:
+           default_max_attempts: int, singleton: bool = False) -> Claim:
     """A message sent past the enqueue path (`celery call`): give it a row. Params that are
-    not a JSON object cannot be this job's params: the job is recorded failed, never run."""
+    not a JSON object cannot be this job's params: the job is recorded failed, never run. A
+    singleton type's row is adopted `queued` and then claimed like any other (`adopted`),
+    so the type's one-at-a-time guard holds for it too."""
     valid = isinstance(params, dict)
     stored = params if valid else {"_raw": params}
     status, code, message = ("running", None, None) if valid else (
         "failed", "invalid_params", "params must be a JSON object (send kwargs={'params': {...}})")
+    if valid and singleton:
+        s.execute(
+            text("INSERT INTO job_runs (id, type, params, max_attempts, source, published_at) "
+                 "VALUES (:id, :t, CAST(:p AS jsonb), :m, 'celery', now()) "
+                 "ON CONFLICT (id) DO NOTHING"),
+            {**args, "p": json.dumps(stored, default=str), "m": default_max_attempts})
+        return Claim("adopted")
     row = s.execute(
         text("INSERT INTO job_runs (id, type, params, status, attempts, max_attempts, source, "
              "started_at, published_at, delivered_at, worker, owner, epoch, lease_expires_at, "

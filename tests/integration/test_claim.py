@@ -140,3 +140,26 @@ def test_a_queued_job_due_now_runs_and_an_early_copy_waits(
 def test_a_message_with_no_row_is_foreign_unless_adoption_is_allowed(
         services: Services) -> None:
     assert _claim(str(uuid.uuid4())).action == "foreign"
+
+
+def test_an_adopted_singleton_waits_for_the_running_one(services: Services,
+                                                       db: psycopg.Connection) -> None:
+    # given a job of a singleton type running under a live owner
+    kind = "testing.singleton_sleep"
+    holder = _insert(db, type=kind, status="running", attempts=1, epoch=1,
+                     owner=identity.new_token())
+    db.execute("UPDATE job_runs SET lease_expires_at = now() + interval '60 seconds' "
+               "WHERE id = %s", (holder,))
+    # when a bare `celery call` message of that type arrives where adoption is allowed
+    bare = str(uuid.uuid4())
+    got = jobstore.claim(bare, kind, {"seconds": 0}, identity.new_token(), "w", 5,
+                         singleton=True, adopt=True)
+    # then it is given a row but waits its turn (deferred, no attempt spent)
+    assert got.action == "singleton_busy", got
+    row = _row(db, bare)
+    assert (row["status"], row["attempts"], row["source"]) == ("queued", 0, "celery")
+    # and once the holder ended, its next delivery runs it
+    db.execute("UPDATE job_runs SET status = 'succeeded' WHERE id = %s", (holder,))
+    again = jobstore.claim(bare, kind, {"seconds": 0}, identity.new_token(), "w", 5,
+                           singleton=True, adopt=True)
+    assert again.action == "run", again
