@@ -85,8 +85,9 @@ def run_job(job_type: str, params: dict[str, Any], timeout: float) -> dict[str, 
                      f"{(row['error_message'] or '').splitlines()[0][:300]}")
             return dict(row)
         time.sleep(0.2)
-    fail(f"job {job_id} not finished after {timeout:.0f}s (still running; see `warden job "
-         f"{job_id}`)")
+    from cli.waiting import not_finished
+
+    fail(not_finished(job_id, timeout))
 
 
 def to_stderr(line: str) -> None:
