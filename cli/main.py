@@ -29,7 +29,33 @@ def parse_param(raw: str) -> tuple[str, Any]:
         return key, value
 
 
-@click.group()
+class _Cli(click.Group):
+    """The core commands are defined here; the families' (cli/commands/, each module's
+    `COMMANDS`) are imported only when one of them is asked for, or for --help. Why: those
+    modules pull in the job schedules, Celery and the families' services, seconds of
+    imports on a busy machine that `warden up` (which must refuse a second start at once),
+    `warden worker` or `warden jobs` never need."""
+
+    _families_loaded = False
+
+    def _load_families(self) -> None:
+        if not self._families_loaded:
+            type(self)._families_loaded = True
+            _add_family_commands(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None:
+            self._load_families()
+            found = super().get_command(ctx, cmd_name)
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_families()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Cli)
 def cli() -> None:
     """Warden: the task-queue worker platform of the character service."""
     from workers import logging as wlogging
@@ -400,7 +426,7 @@ def seed(characters: int, violations: float, rng_seed: int) -> None:
     click.echo(json.dumps({**counts, "seconds": round(time.monotonic() - started, 1)}))
 
 
-def _add_family_commands() -> None:
+def _add_family_commands(group: click.Group) -> None:
     """`COMMANDS` of every module in cli/commands/ (a family's commands)."""
     import importlib
     import pkgutil
@@ -410,17 +436,27 @@ def _add_family_commands() -> None:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"cli.commands.{info.name}")
         for command in module.COMMANDS:
-            cli.add_command(command)
+            group.add_command(command)
 
 
-_add_family_commands()
+def _expected_failure(exc: Exception) -> None:
+    """A database that cannot be reached or a bad WARDEN_* setting: one line and exit 1.
+    The classes are looked up only once such an error happened (its library is loaded
+    then), so no command pays for importing them."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.OperationalError):
+        orig = getattr(exc, "orig", None)
+        fail(f"database unreachable: {str(orig).splitlines()[0] if orig else exc}")
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(exc, pydantic.ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        setting = f"WARDEN_{where.upper()}: " if where else ""
+        fail(f"invalid setting {setting}{first['msg']}")
 
 
 def main() -> None:
     """Entry point: turn the expected failures into one line and a non-zero exit."""
-    import sqlalchemy.exc
-    from pydantic import ValidationError
-
     try:
         code = cli(standalone_mode=False)
     except click.exceptions.UsageError as exc:  # one line, like every other error
@@ -436,13 +472,9 @@ def main() -> None:
         fail(exc.format_message(), exc.exit_code)
     except SettingsError as exc:
         fail(str(exc))
-    except sqlalchemy.exc.OperationalError as exc:
-        fail(f"database unreachable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
-    except ValidationError as exc:  # a bad WARDEN_* setting
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        setting = f"WARDEN_{where.upper()}: " if where else ""
-        fail(f"invalid setting {setting}{first['msg']}")
+    except Exception as exc:
+        _expected_failure(exc)
+        raise
     if isinstance(code, int) and code:
         sys.exit(code)
 
