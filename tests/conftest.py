@@ -145,6 +145,19 @@ def _fresh_database(server_url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(path=f"/{name}")), admin
 
 
+def _redis_db_of_this_worker(url: str) -> str:
+    """Under pytest-xdist each test process gets a Redis database of its own on a given
+    server (the URL's, then the ones below it: gw0 15, gw1 14, ...), so one process's flush
+    or queue never meets another's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker.removeprefix("gw") or 0)
+    parts = urlsplit(url)
+    base = int(parts.path.lstrip("/") or 0)
+    if base - index < 0:
+        raise RuntimeError(f"{url}: too few Redis databases below it for xdist {worker}")
+    return urlunsplit(parts._replace(path=f"/{base - index}"))
+
+
 def _apply_env(services: Services) -> None:
     from workers.db import reset_engine
     from workers.redis_client import reset_redis
@@ -174,7 +187,7 @@ def services() -> Iterator[Services]:
         pg = EmbeddedPostgres(tmp)
         db_url = pg.start()
     if redis_env:
-        redis_url = redis_env
+        redis_url = _redis_db_of_this_worker(redis_env)
         redis.Redis.from_url(redis_url).flushdb()
     else:
         rd = EmbeddedRedis(tmp)
