@@ -325,9 +325,13 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
         response.status_code = 200 if ok else 503
         return {"status": "ready" if ok else "unavailable", "checks": checks}
 
+    # Open by default, as Prometheus targets usually are on an internal network; it names
+    # job types, counts and schedule entries, so WARDEN_METRICS_REQUIRE_TOKEN puts it behind
+    # the `read` scope (Prometheus: `authorization: {credentials_file: ...}`).
     @app.get("/metrics", response_class=Response, responses={200: {
         "description": "Prometheus text exposition",
-        "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+        "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+        dependencies=[Depends(require("read"))] if settings.metrics_require_token else [])
     def prometheus() -> Response:
         """Prometheus exposition."""
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

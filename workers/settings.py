@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # /metrics reads the job tables at most this often per API process (family gauges three
     # times less often): several Prometheus servers or a dashboard cost one read.
     metrics_cache_seconds: float = Field(5.0, ge=0)
+    # /metrics answers only a bearer token with the `read` scope (review N18); off by
+    # default: a scrape target on an internal network, as Prometheus expects.
+    metrics_require_token: bool = False
     job_retention_days: int = Field(30, ge=1, le=3650)
     job_retention_failed_days: int = Field(90, ge=1, le=3650)
 

@@ -193,3 +193,26 @@ def test_health_ready_metrics_openapi(api: str, client: httpx.Client) -> None:
     assert 'warden_jobs{status="queued",type="platform.ping"}' in text
     paths = httpx.get(f"{api}/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/job-types"} <= set(paths)
+
+
+def test_metrics_can_require_a_read_token(services: object, tokens: dict[str, str],
+                                          monkeypatch: object) -> None:
+    # given an API whose /metrics needs a token (WARDEN_METRICS_REQUIRE_TOKEN, review N18)
+    from fastapi.testclient import TestClient
+
+    from api_stub.app import create_app
+    from workers.settings import get_settings
+
+    monkeypatch.setenv("WARDEN_METRICS_REQUIRE_TOKEN", "true")  # type: ignore[attr-defined]
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app(run_relay=False)) as api:
+            # then an anonymous scrape is refused and a read token's is answered
+            assert api.get("/metrics").status_code == 401
+            scraped = api.get("/metrics",
+                              headers={"Authorization": f"Bearer {tokens['read']}"})
+            assert scraped.status_code == 200
+            assert "warden_jobs" in scraped.text
+    finally:
+        monkeypatch.undo()  # type: ignore[attr-defined]
+        get_settings.cache_clear()
