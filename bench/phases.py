@@ -67,8 +67,8 @@ def run(svc: Services) -> list[str]:
     from workers import identity, jobstore
     from workers.db import session_scope
     from workers.enqueue import job_types, submit
-    from workers.jobs import Run, _heartbeat
     from workers.redis_client import get_redis
+    from workers.runs import Run, heartbeat
 
     svc.reset_queues()
     task = job_types()["platform.ping"]
@@ -92,9 +92,9 @@ def run(svc: Services) -> list[str]:
             try:
                 # ping's body records its outcome itself (self.complete, fenced by the epoch)
                 with timer("run+complete"):
-                    _heartbeat.add(run)
+                    heartbeat.add(run)
                     task.run(task.parse_params(raw))
-                    _heartbeat.discard(run)
+                    heartbeat.discard(run)
             finally:
                 task._local.run = None
                 task.pop_request()

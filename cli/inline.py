@@ -14,7 +14,8 @@ that `warden job ID` shows with its result. The row goes through the core's own 
 (`jobstore.claim`): for a singleton type under the type's advisory lock, so an inline audit
 and a worker's audit never run at once on one database; the lease is heartbeated from a
 thread here; every commit is fenced by the run's epoch and the outcome commits with the
-family's effect in one transaction (`InlineJob.complete`), as `JobTask.complete` does.
+family's effect in one transaction (`Run.complete`). The run, its fenced session and its
+heartbeat are the worker's own (workers/runs.py), so both behave alike by construction.
 
 What keeps a worker from running an inline job:
 - the row exists unclaimed only for the milliseconds between its insert and its claim; it
@@ -34,27 +35,19 @@ import contextlib
 import json
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy.exc
-import structlog
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
-from sqlalchemy.orm import Session
 
 from workers import identity, jobstore
-from workers.db import autocommit, get_sessionmaker
-from workers.errors import JobError, OwnershipLost, TransientError
-from workers.settings import get_settings
-
-log = structlog.get_logger("warden.inline")
+from workers.db import autocommit
+from workers.errors import JobError, OwnershipLost, TransientError, describe
+from workers.runs import Run, heartbeat
 
 SOURCE = "cli-inline"
 # Seconds an inline row may stay unclaimed: its claim follows its insert at once, so this
@@ -80,112 +73,6 @@ class InlineBusy(JobError):
     code = "singleton_busy"
 
 
-@dataclass
-class InlineJob:
-    """This process's run of one job: what its fenced writes are conditional on."""
-
-    id: str
-    type: str
-    epoch: int
-    lost: bool = False
-    completed: bool = False
-    pending_complete: bool = False
-    _progress_at: float = 0.0
-
-    def check_owned(self) -> None:
-        """Raise OwnershipLost once the run lost its job (its lease lapsed and another
-        claim fenced it): nothing of it may commit any more."""
-        if self.lost:
-            raise OwnershipLost(f"job {self.id} epoch {self.epoch} was taken over")
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction that commits only while this run owns the job (the fence is its
-        last statement, under the job row's lock), as a worker's `self.session()`."""
-        self.check_owned()
-        s = get_sessionmaker()()
-        try:
-            yield s
-            if not self.pending_complete and not jobstore.fence(s, self.id, self.epoch):
-                self.lost = True
-                raise OwnershipLost(f"job {self.id} epoch {self.epoch} was taken over")
-            try:
-                s.commit()
-            except jobstore.RETRYABLE_DB_ERRORS:
-                # The COMMIT's answer was lost: the row says whether the outcome made it.
-                if not (self.pending_complete
-                        and jobstore.recorded(self.id, self.epoch, "succeeded")):
-                    raise
-            if self.pending_complete:
-                self.completed = True
-        except BaseException:
-            self.pending_complete = False
-            s.rollback()
-            raise
-        finally:
-            s.close()
-
-    def complete(self, session: Session, result: Any) -> Any:
-        """Record the job's success in this transaction (call it last in a `session()`
-        block): the family's effect and the outcome commit together or not at all. Returns
-        the result as the job row stores it (JSON), which is what the queued command reads
-        back and prints."""
-        encoded = jobstore.encode_result(result)
-        done = session.execute(jobstore.SUCCEED_SQL,
-                               {"id": uuid.UUID(self.id), "e": self.epoch, "r": encoded})
-        if getattr(done, "rowcount", 0) != 1:
-            self.lost = True
-            raise OwnershipLost(f"job {self.id} epoch {self.epoch} was taken over")
-        self.pending_complete = True
-        return json.loads(encoded)
-
-    def progress(self, done: int, total: int | None = None, **extra: Any) -> None:
-        """Store progress on the job row (at most once a second, and always the last step),
-        where `warden job ID` shows it, as a worker's run does."""
-        now = time.monotonic()
-        if now - self._progress_at < 1.0 and (total is None or done < total):
-            return
-        self._progress_at = now
-        payload = {"done": done, "total": total, **extra, "at": datetime.now(UTC).isoformat()}
-        try:
-            if not jobstore.save_progress(self.id, self.epoch, payload):
-                self.lost = True
-        except jobstore.RETRYABLE_DB_ERRORS:
-            self._progress_at = 0.0  # progress is a hint; the work goes on
-        self.check_owned()
-
-
-class _Heartbeat:
-    """Extends the run's lease every third of WARDEN_LEASE_TTL (a worker's heartbeat does
-    the same), and flags the run lost when its row is no longer its own."""
-
-    def __init__(self, job: InlineJob) -> None:
-        self.job = job
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="inline-heartbeat",
-                                        daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        interval = get_settings().lease_ttl / 3
-        while not self._stop.wait(interval):
-            try:
-                alive = jobstore.heartbeat([(self.job.id, self.job.epoch)])
-            except Exception as exc:  # database away: the lease gives slack; try again
-                log.warning("inline.heartbeat_failed", job_id=self.job.id, error=_describe(exc))
-                continue
-            job = self.job
-            if job.id not in alive and not job.completed and not job.pending_complete:
-                job.lost = True
-
-
 def _worker_name() -> str:
     return f"{SOURCE}@{socket.gethostname()}:{os.getpid()}"
 
@@ -202,7 +89,7 @@ _HOLDER = text(
 
 
 def _claim(job_type: str, params: dict[str, Any], *, singleton: bool, timeout: float,
-           echo: Callable[[str], None]) -> InlineJob:
+           echo: Callable[[str], None]) -> Run:
     """Insert the run's row and claim it through the core's claim; a singleton whose type
     is running waits (with no row) for up to `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -221,7 +108,7 @@ def _claim(job_type: str, params: dict[str, Any], *, singleton: bool, timeout: f
                 conn.execute(_DROP_UNCLAIMED, {"id": job_id})
             raise
         if claim.action == "run":
-            return InlineJob(str(job_id), job_type, claim.epoch)
+            return Run(str(job_id), claim.epoch, owner, claim.attempts, claim.max_attempts)
         with autocommit() as conn:
             conn.execute(_DROP_UNCLAIMED, {"id": job_id})
             holder = conn.execute(_HOLDER, {"t": job_type, "id": job_id}).scalar()
@@ -237,15 +124,6 @@ def _claim(job_type: str, params: dict[str, Any], *, singleton: bool, timeout: f
                  f"(one at a time) ...")
             said = True
         time.sleep(POLL_SECONDS)
-
-
-def _describe(exc: BaseException) -> str:
-    """The first line of what went wrong (the driver's message, never the SQL that
-    SQLAlchemy appends), as the job core records it."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
-        first = (str(exc.orig).strip().splitlines() or [""])[0]
-        return f"{type(exc.orig).__name__}: {first}"[:2000]
-    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def _code(exc: BaseException) -> str:
@@ -264,7 +142,7 @@ def _code(exc: BaseException) -> str:
 @contextmanager
 def run(job_type: str, params: BaseModel, *, singleton: bool = False,
         timeout: float = 3600.0, echo: Callable[[str], None] = lambda _: None
-        ) -> Iterator[InlineJob]:
+        ) -> Iterator[Run]:
     """Run one job of `job_type` in this process: the block does the family's work through
     `job.session()` and ends with `job.complete(session, result)` in its last transaction.
 
@@ -275,22 +153,26 @@ def run(job_type: str, params: BaseModel, *, singleton: bool = False,
     """
     job = _claim(job_type, params.model_dump(mode="json"), singleton=singleton,
                  timeout=timeout, echo=echo)
-    with _Heartbeat(job):
-        try:
-            yield job
-            if not job.completed:
-                raise RuntimeError(f"inline {job_type} ended without recording its outcome")
-        except BaseException as exc:
-            if job.completed or isinstance(exc, (GeneratorExit, SystemExit)):
-                raise
-            if isinstance(exc, OwnershipLost):
-                raise InlineFailed(f"job {job.id} was taken over while it ran here (its lease "
-                                   "lapsed); nothing of this run was committed") from exc
-            code, message = _code(exc), _describe(exc)
-            # (The database away: the run's lease lapses, and the core's recovery applies.)
-            with contextlib.suppress(Exception):
-                jobstore.finish(job.id, job.epoch, "failed", code, message)
-            if not isinstance(exc, Exception):
-                raise  # KeyboardInterrupt: recorded; the CLI says "aborted"
-            first = (message.splitlines() or [""])[0][:300]
-            raise InlineFailed(f"job {job.id} failed: {code}: {first}") from exc
+    # The lease is extended every third of WARDEN_LEASE_TTL (within 0.5 s after a failed
+    # try), and the run flagged lost when its row is no longer its own, as a worker's.
+    heartbeat.add(job)
+    try:
+        yield job
+        if not job.completed:
+            raise RuntimeError(f"inline {job_type} ended without recording its outcome")
+    except BaseException as exc:
+        if job.completed or isinstance(exc, (GeneratorExit, SystemExit)):
+            raise
+        if isinstance(exc, OwnershipLost):
+            raise InlineFailed(f"job {job.id} was taken over while it ran here (its lease "
+                               "lapsed); nothing of this run was committed") from exc
+        code, message = _code(exc), describe(exc)
+        # (The database away: the run's lease lapses, and the core's recovery applies.)
+        with contextlib.suppress(Exception):
+            jobstore.finish(job.id, job.epoch, "failed", code, message)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt: recorded; the CLI says "aborted"
+        first = (message.splitlines() or [""])[0][:300]
+        raise InlineFailed(f"job {job.id} failed: {code}: {first}") from exc
+    finally:
+        heartbeat.discard(job)

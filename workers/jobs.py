@@ -6,6 +6,8 @@ is left to it), heartbeat the lease while the task runs, and record the outcome
 conditional on the epoch. A family's effect and the job's outcome can commit in one fenced
 transaction (`with self.session() as s: return self.complete(s, result)`), so a run that
 lost the job can change nothing. ADR 0007 says what this covers and what it does not.
+The run itself (its fenced session, complete, progress, heartbeat) is workers.runs, which
+the CLI's --inline mode uses too; this module adds what a delivery needs around it.
 
 No Celery retry(): it turns a failed publish into a dropped delivery. A retry is written to
 job_runs first (retrying, due at T by the database's clock, unpublished); the worker then
@@ -19,11 +21,8 @@ import random
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, NoReturn
 
 import redis
@@ -32,13 +31,14 @@ import structlog
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from workers import deployment, identity, jobstore
-from workers.db import get_sessionmaker, session_scope
+from workers.db import session_scope
 from workers.enqueue import fan_out_children, publish
-from workers.errors import JobError, OwnershipLost, TransientError
+from workers.errors import JobError, OwnershipLost, TransientError, describe
+from workers.runs import Run, heartbeat
 from workers.settings import get_settings
 
 log = structlog.get_logger("warden.jobs")
@@ -67,81 +67,6 @@ def backoff(attempt: int, base: float | None = None, cap: float | None = None) -
 class Suspended(BaseException):
     """A parent job handed its work to children and waits (not an error: BaseException so
     a family's `except Exception` cannot swallow it)."""
-
-
-@dataclass
-class Run:
-    """This process's ownership of one job: what every fenced write is conditional on."""
-
-    job_id: str
-    epoch: int
-    owner: str
-    attempts: int
-    max_attempts: int
-    lost: bool = False
-    completed: bool = False  # the outcome committed (with the effect, via complete())
-    pending_complete: bool = False  # complete() ran inside an open fenced transaction
-    progress_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Heartbeat:
-    """One daemon thread per process extending the leases of the jobs it runs, at a third
-    of WARDEN_LEASE_TTL. A job the heartbeat no longer finds owned (taken over after a
-    stall) is flagged `lost`: its fenced writes fail, and check_owned() stops it."""
-
-    def __init__(self) -> None:
-        self._runs: dict[str, Run] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-
-    def add(self, run: Run) -> None:
-        with self._lock:
-            self._runs[run.job_id] = run
-            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._loop, name="job-heartbeat",
-                                                daemon=True)
-                self._thread.start()
-
-    def discard(self, run: Run) -> None:
-        with self._lock:
-            if self._runs.get(run.job_id) is run:
-                del self._runs[run.job_id]
-
-    # After a failed heartbeat the next try comes this soon (not a third of the TTL later):
-    # once the database is back, the lease is renewed before anyone may take the job over.
-    RETRY_AFTER_ERROR = 0.5
-
-    def _loop(self) -> None:
-        wait = get_settings().lease_ttl / 3
-        while True:
-            time.sleep(wait)
-            wait = get_settings().lease_ttl / 3
-            with self._lock:
-                runs = list(self._runs.values())
-            if not runs:
-                continue
-            try:
-                alive = jobstore.heartbeat((r.job_id, r.epoch) for r in runs)
-            except Exception as exc:
-                # Database away (a restart, a failover): the run goes on; its lease may
-                # lapse, but nobody takes a lapsed job over before WARDEN_RELAY_LOST_AFTER
-                # unless its owner is proven dead, and the renewal below restores it.
-                log.warning("job.heartbeat_failed", error=describe(exc))
-                wait = min(wait, self.RETRY_AFTER_ERROR)
-                continue
-            for run in runs:
-                if run.job_id not in alive and not run.completed and not run.pending_complete:
-                    with self._lock:
-                        still_running = self._runs.get(run.job_id) is run
-                    if still_running and not run.lost:
-                        run.lost = True
-                        log.error("job.ownership_lost", job_id=run.job_id, epoch=run.epoch)
-
-
-_heartbeat = Heartbeat()
 
 
 class JobTask(Task):
@@ -188,53 +113,12 @@ class JobTask(Task):
 
     def session(self) -> AbstractContextManager[Session]:
         """One fenced transaction: it commits only while this run still owns the job (the
-        epoch check is its last statement, under the job row's lock). Outside a worker
-        (a unit test calling the task) a plain transaction."""
+        epoch check is its last statement, under the job row's lock; workers.runs). Outside
+        a worker (a unit test calling the task) a plain transaction."""
         run = self._run
         if run is None:
             return session_scope()
-        return self._fenced(run)
-
-    @contextmanager
-    def _fenced(self, run: Run) -> Iterator[Session]:
-        self.check_owned()
-        s = get_sessionmaker()()
-
-        def fence_before_commit(session: Session) -> None:
-            # Every COMMIT of this session, the family's own s.commit() included, is fenced;
-            # a transaction that carries the outcome (complete) is fenced by that UPDATE.
-            if run.pending_complete or run.completed:
-                return
-            if not jobstore.fence(session, run.job_id, run.epoch):
-                run.lost = True
-                raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
-
-        event.listen(s, "before_commit", fence_before_commit)
-        try:
-            yield s
-            if run.pending_complete:
-                self._commit_with_outcome(s, run)
-            elif s.in_transaction():  # (commit() of an unused session would begin one)
-                s.commit()
-        except BaseException:
-            run.pending_complete = False
-            s.rollback()
-            raise
-        finally:
-            s.close()
-
-    def _commit_with_outcome(self, s: Session, run: Run) -> None:
-        try:
-            s.commit()
-        except jobstore.RETRYABLE_DB_ERRORS as exc:
-            # The COMMIT's answer was lost: the row says whether it happened. If not, the
-            # effect rolled back with it, and running again is safe.
-            if jobstore.recorded(run.job_id, run.epoch, "succeeded"):
-                log.warning("job.commit_answer_lost_but_committed", error=describe(exc))
-            else:
-                raise
-        run.completed = True
-        run.pending_complete = False
+        return run.session()
 
     def complete(self, session: Session, result: Any) -> Any:
         """Record the job's success in this fenced transaction and return `result`: the
@@ -244,44 +128,20 @@ class JobTask(Task):
             return result
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
-        encoded = jobstore.encode_result(result)
-        if not session.in_transaction():
-            # Nothing else in this transaction: the outcome alone, one autocommit statement.
-            if not jobstore.succeed(run.job_id, run.epoch, result):
-                run.lost = True
-                raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
-            run.completed = True
-            return result
-        done = session.execute(jobstore.SUCCEED_SQL,
-                               {"id": uuid.UUID(run.job_id), "e": run.epoch, "r": encoded})
-        if getattr(done, "rowcount", 0) != 1:
-            run.lost = True
-            raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
-        run.pending_complete = True
+        run.complete(session, result)
         return result
 
     def check_owned(self) -> None:
         """Raise OwnershipLost when another run took this job over (long loops call it)."""
         run = self._run
-        if run is not None and run.lost:
-            raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+        if run is not None:
+            run.check_owned()
 
     def progress(self, done: int, total: int | None = None, **extra: Any) -> None:
         """Store a long job's progress (at most once a second, and always the last step)."""
         run = self._run
-        if run is None:
-            return
-        now = time.monotonic()
-        if now - run.progress_at < 1.0 and (total is None or done < total):
-            return
-        run.progress_at = now
-        payload = {"done": done, "total": total, **extra, "at": datetime.now(UTC).isoformat()}
-        try:
-            if not jobstore.save_progress(run.job_id, run.epoch, payload):
-                run.lost = True
-        except jobstore.RETRYABLE_DB_ERRORS as exc:  # progress is a hint; the work goes on
-            log.warning("job.progress_not_saved", error=describe(exc))
-        self.check_owned()
+        if run is not None:
+            run.progress(done, total, **extra)
 
     def fan_out(self, build: Callable[[], list[tuple[str, dict[str, Any]]]]
                 ) -> list[jobstore.Child]:
@@ -301,8 +161,7 @@ class JobTask(Task):
             return []
         created = fan_out_children(run.job_id, run.epoch, specs)
         if created is None:
-            run.lost = True
-            raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+            raise run.taken_over()
         log.info("job.fanned_out", children=len(created))
         raise Suspended()
 
@@ -320,8 +179,7 @@ class JobTask(Task):
                                        "AND status='running'"),
                                   {"id": run.job_id, "e": run.epoch}).first()
                 if owned is None:
-                    run.lost = True
-                    raise OwnershipLost(f"job {run.job_id} epoch {run.epoch} was taken over")
+                    raise run.taken_over()
                 return
         raise Suspended()
 
@@ -421,11 +279,11 @@ class JobTask(Task):
             raise Ignore()
         run = Run(job_id, claim.epoch, owner, claim.attempts, claim.max_attempts)
         self._local.run = run
-        _heartbeat.add(run)
+        heartbeat.add(run)
         try:
             return self._execute(run, raw)
         finally:
-            _heartbeat.discard(run)
+            heartbeat.discard(run)
 
     def _later(self, job_id: str, raw: Any, delay: float, *, defer: bool,
                exc: BaseException | None = None, requeue_if_unsent: bool = False) -> NoReturn:
@@ -539,16 +397,6 @@ def _record_time_limit(task_id: str, why: str) -> None:
             log.warning("job.time_limit_not_recorded", job_id=task_id)
     except Exception:
         log.exception("job.time_limit_not_recorded", job_id=task_id)
-
-
-def describe(exc: BaseException) -> str:
-    """An error message fit for job_runs and Flower: the driver's first line, never the SQL
-    statement and its parameters that SQLAlchemy appends."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
-        inner = exc.orig
-        first = (str(inner).strip().splitlines() or [""])[0]
-        return f"{type(inner).__name__}: {first}"[:2000]
-    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def _stamp_of(request: Any) -> str | None:

@@ -11,13 +11,6 @@ from workers.jobs import JobTask
 from workers.settings import get_settings
 
 
-def summary(run: dict[str, Any]) -> dict[str, Any]:
-    """The job's result: the stored run without its per-check detail's timestamps."""
-    keys = ("id", "mode", "checks", "findings", "reports", "fixed", "remaining",
-            "changed_rows", "forced_status_changes", "totals", "rules_version")
-    return {("run_id" if k == "id" else k): run[k] for k in keys}
-
-
 # Checking is anyone's; fixing rewrites characters, an operator's decision (the schedule's
 # words): fix=true needs the admin scope.
 @app.task(name="audit.integrity", base=JobTask, params=Integrity, bind=True, singleton=True,
@@ -39,4 +32,4 @@ def integrity(self: JobTask, params: Integrity) -> dict[str, Any]:
             lock_timeout=get_settings().audit_lock_timeout,
             progress=lambda done, total, step: self.progress(done, total, step=step),
         )
-        return self.complete(session, summary(run))
+        return self.complete(session, service.run_summary(run))

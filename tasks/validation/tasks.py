@@ -46,7 +46,7 @@ def characters(self: JobTask, params: Characters) -> dict[str, Any]:
         if sweep.plan == "inline":
             stored, inline = service.sweep_inline(session, sweep, version,
                                                   settings.validation_watermark_overlap)
-            result = self.complete(session, _result(stored, []))
+            result = self.complete(session, service.sweep_result(stored, []))
     if inline is not None:
         service.remember(inline.verdicts, version, settings.validation_cache_ttl)
         return result
@@ -68,17 +68,10 @@ def characters(self: JobTask, params: Characters) -> dict[str, Any]:
                                  error=f"{len(bad)} of {len(children)} chunks did not succeed")
         else:
             stored = service.finish_sweep(session, sweep.id, totals)
-            return self.complete(session, _result(stored, listed))
+            return self.complete(session, service.sweep_result(stored, listed))
     raise ChunksFailed(f"{len(bad)} of {len(children)} chunks of sweep {sweep.id} did not "
                        f"succeed: " + ", ".join(f"{c.id} {c.status}" for c in bad[:5]),
                        children=listed)
-
-
-def _result(sweep: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"sweep_id": sweep["id"], "mode": sweep["mode"], "plan": sweep["plan"],
-            "chunks": sweep["chunks"], "rules_version": sweep["rules_version"],
-            "since": sweep["since"].isoformat() if sweep["since"] else None,
-            "totals": sweep["totals"], "children": children}
 
 
 # admin: a sweep's fan-out submits its chunks; submitted on its own, a chunk writes issues
