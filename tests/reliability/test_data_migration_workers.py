@@ -310,8 +310,12 @@ def test_pause_resume_and_cancel_by_cli_and_api(st: Stage) -> None:
     assert paused["cursor"] < cancelled["cursor"] < ids[-1]
     assert {r[0] for r in _requests(st.db)} == {i for i in ids if i <= cancelled["cursor"]}
     _contiguous(st.batches())
-    # when it is started again (a new pass) and cancelled from the CLI, then it stops too
-    assert st.cli("migrate", "data", LEGACY, "--detach").returncode == 0
+    # when it is started again (a new pass, slower: 100 ms a row, so that it is still
+    # running when the CLI, a new process, gets to cancel it) and cancelled from the CLI,
+    # then it stops too
+    st.db.execute("CREATE OR REPLACE FUNCTION test_inject() RETURNS trigger AS $$ BEGIN "
+                  "PERFORM pg_sleep(0.1); RETURN NEW; END $$ LANGUAGE plpgsql")
+    assert st.cli("migrate", "data", LEGACY, "--batch-size", "4", "--detach").returncode == 0
     st.wait_state({"running"})
     out = st.cli("migrate", "cancel", LEGACY, "--reason", "still the wrong night")
     assert out.returncode == 0 and f"{LEGACY} cancelled" in out.stdout, out.stderr

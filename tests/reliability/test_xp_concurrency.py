@@ -173,13 +173,14 @@ def test_thousands_of_overlapping_xp_jobs_never_deadlock_and_balance(
 def test_the_same_award_enqueued_many_times_under_repeated_sigkill_is_given_once(
         services: Services, db: psycopg.Connection) -> None:
     # given 40 scenes of 3 characters, each award enqueued 5 times, and ledger inserts for
-    # these scenes slowed to 50 ms (a trigger), so kills land inside award transactions
+    # these scenes slowed to 150 ms (a trigger), so kills land inside award transactions
+    # (and the awards last long enough for a dozen kills, whatever else consumes the queue)
     chars = _characters(db, 120, 0)
     cast = [chars[i:i + 3] for i in range(0, 120, 3)]
     scenes = _scenes(db, cast)
     lo, hi = min(scenes), max(scenes)
     db.execute("CREATE OR REPLACE FUNCTION test_slow_award() RETURNS trigger AS $$ BEGIN "
-               f"IF NEW.scene_id BETWEEN {lo} AND {hi} THEN PERFORM pg_sleep(0.05); END IF; "
+               f"IF NEW.scene_id BETWEEN {lo} AND {hi} THEN PERFORM pg_sleep(0.15); END IF; "
                "RETURN NEW; END $$ LANGUAGE plpgsql")
     db.execute("CREATE TRIGGER test_slow_award BEFORE INSERT ON xp_ledger FOR EACH ROW "
                "EXECUTE FUNCTION test_slow_award()")
