@@ -72,7 +72,8 @@ def test_tools_of_18_for_a_15_server_are_refused_with_the_reason(
     assert caught.value.code == "pg_tools_unusable"
 
 
-def test_the_password_goes_to_a_private_passfile_never_the_command_line() -> None:
+def test_the_password_goes_to_a_private_passfile_never_the_command_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     target = Target.from_url("postgresql+psycopg://app:p%3Ass%5Cw0rd@db.example:6543/warden"
                              "?sslmode=require")
     # the tools' --dbname carries everything but the password
@@ -81,17 +82,16 @@ def test_the_password_goes_to_a_private_passfile_never_the_command_line() -> Non
     assert "host=db.example" in conninfo and "port=6543" in conninfo
     assert "sslmode=require" in conninfo and "dbname=warden" in conninfo
     # the password sits in a 0600 file, escaped as libpq reads it, gone afterwards
-    os.environ["WARDEN_DATABASE_URL"] = "postgresql://app:p%3Ass%5Cw0rd@db.example/warden"
-    try:
-        with tool_env(target) as env:
-            path = Path(env["PGPASSFILE"])
-            assert path.read_text() == "*:*:*:*:p\\:ss\\\\w0rd\n"
-            assert oct(path.stat().st_mode & 0o777) == "0o600"
-            assert "PGPASSWORD" not in env
-            assert not any("p:ss" in v for v in env.values())  # WARDEN_* not inherited
-        assert not path.exists()
-    finally:
-        del os.environ["WARDEN_DATABASE_URL"]
+    # (monkeypatch: the session's own WARDEN_DATABASE_URL comes back afterwards, whatever
+    # test runs next in this process)
+    monkeypatch.setenv("WARDEN_DATABASE_URL", "postgresql://app:p%3Ass%5Cw0rd@db.example/warden")
+    with tool_env(target) as env:
+        path = Path(env["PGPASSFILE"])
+        assert path.read_text() == "*:*:*:*:p\\:ss\\\\w0rd\n"
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        assert "PGPASSWORD" not in env
+        assert not any("p:ss" in v for v in env.values())  # WARDEN_* not inherited
+    assert not path.exists()
     assert _passfile_line("a:b") == "*:*:*:*:a\\:b\n"
 
 
