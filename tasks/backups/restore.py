@@ -7,10 +7,10 @@ its manifest. The restore is one transaction (pg_restore --single-transaction
 dropped again).
 
 The jobs the dump caught unfinished (queued, retrying, running, waiting) are cancelled in
-the restored database right after pg_restore commits, in the transaction that counts its rows,
-before anything is reported (`stop_unfinished_jobs`; pg_restore's one transaction cannot
-carry a statement of ours, so only a process already connected to the target in those
-milliseconds could see them).
+the restored database right after pg_restore commits, in a transaction of their own that
+only counts job_events first, before the rows are counted and anything is reported
+(`stop_unfinished_jobs`; pg_restore's one transaction cannot carry a statement of ours, so
+only a process already connected to the target in those milliseconds could see them).
 Why: they are the source database's jobs. A worker or relay started on a copy would run
 them there again, and one that writes outside the database does it in the live places (a
 `backup.create` caught running by its own dump wrote a dump of the copy into the live
@@ -199,12 +199,17 @@ def restore(backup_id: int, target_db: str, *, force: int = 0, actor: str = "cli
                     drop_database(admin, target_db)
             raise RestoreRefused(f"pg_restore failed (exit {code}); {target_db} is unchanged: "
                                  f"{stderr[-1500:]}")
+    # The jobs first, at once: until they are cancelled, a worker or relay started on the
+    # target could run what the dump caught unfinished, and a restore interrupted while it
+    # counts a large database (Ctrl-C, a dropped connection) must not leave them runnable
+    # (review of 2026-12-07). The tables the cancel writes to (job_events, by trigger) are
+    # counted in its transaction, before it, so the check still reads what pg_restore wrote.
     with target.connect() as conn, conn.transaction():
-        # Counted first: the counts check what pg_restore wrote, and ending the jobs adds
-        # rows of its own (job_events, the outcomes' counters).
-        restored = count_rows(conn)
+        before_cancel = count_rows(conn, only=JOB_EVENT_TABLES)
         stopped = stop_unfinished_jobs(conn, backup_id=backup_id, target_db=target_db,
                                        live=is_live)
+    with target.connect() as conn, conn.transaction():
+        restored = {**count_rows(conn), **before_cancel}
     counts = {t: (located.tables.get(t), restored.get(t))
               for t in sorted(set(located.tables) | set(restored))}
     report = RestoreReport(backup_id, target_db, not exists, round(seconds, 3), counts,
@@ -213,6 +218,10 @@ def restore(backup_id: int, target_db: str, *, force: int = 0, actor: str = "cli
         report.adopted = adopt_manifests()
     _record(report, actor, reason)
     return report
+
+
+# Tables that cancelling the jobs writes to (job_runs' status trigger appends job_events).
+JOB_EVENT_TABLES = frozenset({"job_events"})
 
 
 def stop_unfinished_jobs(conn: psycopg.Connection[Any], *, backup_id: int, target_db: str,

@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -174,9 +174,11 @@ def _advisory(target: Target, key: int, what: str) -> Iterator[psycopg.Connectio
         conn.close()
 
 
-def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    """Exact row count of every table ("schema.table"), in the connection's transaction."""
-    tables = conn.execute(TABLES_SQL).fetchall()
+def count_rows(conn: psycopg.Connection[Any], only: Collection[str] | None = None
+               ) -> dict[str, int]:
+    """Exact row count of every table ("schema.table"), or of the tables named `only`, in
+    the connection's transaction."""
+    tables = [t for t in conn.execute(TABLES_SQL).fetchall() if only is None or t[1] in only]
     if not tables:
         return {}
     query = sql.SQL(" UNION ALL ").join(
