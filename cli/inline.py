@@ -20,7 +20,8 @@ heartbeat are the worker's own (workers/runs.py), so both behave alike by constr
 What keeps a worker from running an inline job:
 - the row exists unclaimed only for the milliseconds between its insert and its claim; it
   is born published (the relay's outbox pass ignores it) and expires CLAIM_WINDOW seconds
-  later (a claim after that cancels it), so a CLI killed in between leaves nothing to run;
+  later (less: always under WARDEN_RELAY_LOST_AFTER; a claim after that cancels it), so a
+  CLI killed in between leaves nothing to run;
 - a singleton claim that finds another job of the type running deletes the row again and
   waits with no row at all (a waiting row would be re-sent by the relay as lost);
 - one attempt (max_attempts 1): a failure is recorded `failed` with its code and shown to
@@ -53,6 +54,17 @@ SOURCE = "cli-inline"
 # Seconds an inline row may stay unclaimed: its claim follows its insert at once, so this
 # only bounds what a CLI killed between the two leaves behind (a claim after it cancels).
 CLAIM_WINDOW = 30.0
+
+
+def _claim_window() -> float:
+    """CLAIM_WINDOW, but always shorter than WARDEN_RELAY_LOST_AFTER: the row is born
+    published, so past that the relay may send it as a lost message, and a worker's claim
+    must then find it expired (cancelled), never run it (adversarial review)."""
+    from workers.settings import get_settings
+
+    return min(CLAIM_WINDOW, get_settings().relay_lost_after / 2)
+
+
 POLL_SECONDS = 1.0  # how often a singleton waiting for the running job of its type looks
 
 # The errors a worker would retry; inline they end the run `failed` with this code prefix.
@@ -99,7 +111,7 @@ def _claim(job_type: str, params: dict[str, Any], *, singleton: bool, timeout: f
         job_id = uuid.uuid4()
         with autocommit() as conn:
             conn.execute(_INSERT, {"id": job_id, "t": job_type, "p": json.dumps(params),
-                                   "src": SOURCE, "w": CLAIM_WINDOW})
+                                   "src": SOURCE, "w": _claim_window()})
         try:
             claim = jobstore.claim(str(job_id), job_type, params, owner, worker, 1,
                                    singleton=singleton)

@@ -24,7 +24,7 @@ def _workers(queue: str) -> str:
         mine = deployment.identity()
     except Exception:
         mine = None
-    ours = [w for w in live if w.get("deployment") in (None, mine)]
+    ours = [w for w in live if liveness.serves_here(w, mine)]
     if not ours:
         theirs = sorted({str(w.get("deployment")) for w in live})
         return (f"{len(live)} worker(s) consume queue {queue!r} but serve another deployment "

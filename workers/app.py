@@ -84,11 +84,7 @@ def _start_worker_beat(sender: Any = None, **_: Any) -> None:
         queues = sorted(q.name for q in consumer.task_consumer.queues)
     except Exception:
         queues = [QUEUE]
-    try:
-        mine: str | None = deployment.identity()
-    except Exception:  # the database is away: the workers' listing just lacks it
-        mine = None
-    _worker_beat = WorkerBeat(str(hostname), queues, mine, _held_messages)
+    _worker_beat = WorkerBeat(str(hostname), queues, deployment.identity, _held_messages)
     _worker_beat.start()
 
 
@@ -114,12 +110,27 @@ def _stop_threads(**_: Any) -> None:
         _worker_beat.stop()
 
 
+def _foreign(headers: Any) -> str | None:
+    """The deployment a message was stamped for, when it is not this one's (its job row is
+    in another database, whose id this database may hold too: a restored copy's)."""
+    stamp = (headers or {}).get(deployment.STAMP_HEADER) if hasattr(headers, "get") else None
+    if not stamp:
+        return None
+    try:
+        return None if stamp == deployment.identity() else str(stamp)
+    except Exception:  # cannot tell: the database is away, and no write would succeed
+        return None
+
+
 @signals.task_unknown.connect
 def _unknown_task(message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
     """A worker that does not know a job's type: within WARDEN_UNKNOWN_TYPE_GRACE the job
     is left to a worker that does (a rolling deploy), then it fails with
     `unknown_job_type` (jobstore.fail_unknown_type) instead of its message being dropped
     silently."""
+    if (stamped := _foreign(getattr(message, "headers", None))) is not None:
+        log.error("job.wrong_deployment", job_id=id, job_type=name, stamped=stamped)
+        return
     try:
         outcome = jobstore.fail_unknown_type(id, name, socket.gethostname())
         log.warning("job.unknown_type", job_id=id, job_type=name, outcome=outcome)
@@ -136,6 +147,9 @@ def _revoked(request: Any = None, terminated: bool = False, **_: Any) -> None:
     worker's event loop."""
     job_id = getattr(request, "id", None)
     if not job_id:
+        return
+    if (stamped := _foreign(getattr(request, "request_dict", None))) is not None:
+        log.error("job.wrong_deployment", job_id=job_id, stamped=stamped)
         return
 
     def record() -> None:

@@ -67,12 +67,21 @@ class WardenScheduler(RedBeatScheduler):
     def apply_async(self, entry: RedBeatSchedulerEntry, producer: Any = None,
                     advance: bool = True, **_: Any) -> Any:
         spec = next((e for e in SCHEDULE if e.name == entry.name), None)
-        if spec is None:  # an entry added by hand in Redis: fire it the plain way
-            return super().apply_async(entry, producer, advance, **_)
-        key = slot_key(spec, scheduled_time(entry))
+        if spec is None:
+            # An entry added by hand in Redis: through submit as well, so that it has a row
+            # and its message this deployment's stamp (a bare message is refused by the
+            # workers unless WARDEN_ADOPT_BARE_MESSAGES). Its kwargs are the job's params,
+            # or {"params": {...}} as a `celery call` would send them.
+            kwargs = dict(entry.kwargs or {})
+            task, params = entry.task, kwargs.get("params", kwargs)
+            due = scheduled_time(entry) or datetime.now(UTC).replace(second=0, microsecond=0)
+            key = f"beat:{entry.name}:{int(due.timestamp())}"
+            expires = None
+        else:
+            task, params = spec.task, spec.params
+            key, expires = slot_key(spec, scheduled_time(entry)), spec.expires
         try:
-            sub = submit(spec.task, spec.params, idempotency_key=key, expires=spec.expires,
-                         source="beat")
+            sub = submit(task, params, idempotency_key=key, expires=expires, source="beat")
         except Exception as exc:
             # Not advanced: the entry stays due and fires again next tick, same slot key.
             log.error("beat.submit_failed", entry=entry.name, key=key, error=str(exc))

@@ -671,6 +671,16 @@ class JobStateConflict(RuntimeError):
     """The job is in a state that does not allow the operation."""
 
 
+# An operator's retry: a fresh attempt budget, and a fresh allowance of spared lapses (a
+# job that ended dead by lapsing would otherwise be declared dead again by the first outage
+# on its new last attempt). Due from the retry (next_attempt_at = now): the queue's oldest
+# age and the job's queue wait count from when it was put back, not from its creation days
+# ago (a bulk retry of last week's dead jobs read as a week-old queue).
+RETRY_SET = ("status='queued', attempts=0, lapses=0, published_at=NULL, delivered_at=NULL, "
+             "next_attempt_at=now(), finished_at=NULL, expires_at=NULL, "
+             "manual_retries=manual_retries+1")
+
+
 def operator_retry(job_id: str | uuid.UUID) -> RowMapping:
     """Put a failed or dead job back in the queue with a fresh attempt budget.
 
@@ -679,11 +689,8 @@ def operator_retry(job_id: str | uuid.UUID) -> RowMapping:
     jid = _uuid(job_id)
     with session_scope() as s:
         row = s.execute(
-            # due from now (see workers/operator.py: queue age and wait count from here)
-            text("UPDATE job_runs SET status='queued', attempts=0, published_at=NULL, "
-                 "delivered_at=NULL, next_attempt_at=now(), finished_at=NULL, expires_at=NULL, "
-                 "manual_retries=manual_retries+1 WHERE id=:id AND status IN ('failed','dead') "
-                 f"RETURNING {JOB_COLUMNS}"),
+            text(f"UPDATE job_runs SET {RETRY_SET} WHERE id=:id AND status IN "
+                 f"('failed','dead') RETURNING {JOB_COLUMNS}"),
             {"id": jid},
         ).mappings().first()
         if row is not None:

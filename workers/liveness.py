@@ -24,6 +24,7 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from workers import deployment
 from workers.redis_client import get_redis, key
 from workers.settings import get_settings
 
@@ -44,14 +45,22 @@ class WorkerBeat:
 
     MAX_HELD = 10_000  # past this, the rest count as lost: a duplicate is only wasted work
 
-    def __init__(self, node: str, queues: list[str], deployment: str | None = None,
+    def __init__(self, node: str, queues: list[str],
+                 deployment: Callable[[], str] | None = None,
                  held: Callable[[], Iterable[str]] | None = None) -> None:
-        self.node, self.queues, self.deployment = node, queues, deployment
+        self.node, self.queues = node, queues
+        self.deployment: str | None = None
+        self._identity = deployment
         self._held = held
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def beat_once(self) -> None:
+        if self.deployment is None and self._identity is not None:
+            try:  # asked again at each beat until the database answers
+                self.deployment = self._identity()
+            except Exception as exc:
+                log.warning("worker.deployment_unknown", error=f"{type(exc).__name__}: {exc}")
         client = get_redis()
         held = sorted(self._held())[: self.MAX_HELD] if self._held else []
         with client.pipeline() as pipe:
@@ -101,9 +110,26 @@ def live_workers() -> list[dict[str, Any]]:
     return sorted(found, key=lambda w: str(w.get("node")))
 
 
+def _this_deployment() -> str | None:
+    try:
+        return deployment.identity()
+    except Exception:  # the database is away: every worker counts, as before stamping
+        return None
+
+
+def serves_here(worker: dict[str, Any], mine: str | None) -> bool:
+    """Whether a live worker runs this deployment's messages: it announced this
+    deployment, or has not been able to tell yet (its database was away), or we cannot."""
+    theirs = worker.get("deployment")
+    return mine is None or theirs is None or theirs == mine
+
+
 def consumers(queue: str) -> list[str]:
-    """Node names of the live workers consuming `queue`."""
-    return [str(w["node"]) for w in live_workers() if queue in (w.get("queues") or [])]
+    """Node names of the live workers of this deployment consuming `queue` (a worker of
+    another deployment on the same Redis refuses this one's messages)."""
+    mine = _this_deployment()
+    return [str(w["node"]) for w in live_workers()
+            if queue in (w.get("queues") or []) and serves_here(w, mine)]
 
 
 _probe: tuple[int, str, redis.Redis] | None = None
@@ -124,11 +150,13 @@ def _probe_client() -> redis.Redis:
 
 
 def queue_consumers(queue: str) -> list[str] | None:
-    """Node names of the live workers consuming `queue`, or None when Redis does not answer
+    """Node names of the live workers of this deployment consuming `queue`, or None when
+    Redis does not answer
     within PROBE_TIMEOUT; None is then the answer for UNREACHABLE_SECONDS without asking.
     An answer is never cached: a worker that just started must show at once. One caller
     asks at a time, so threads arriving during a stall share one wait."""
     url = get_settings().redis_dsn()
+    mine = _this_deployment()
     with _probe_lock:
         if _unreachable_until.get(url, 0.0) > time.monotonic():
             return None
@@ -138,7 +166,8 @@ def queue_consumers(queue: str) -> list[str] | None:
             for name in client.scan_iter(match=key("worker:*"), count=500):
                 raw = client.get(name)
                 worker = _parse(raw)
-                if worker is not None and queue in (worker.get("queues") or []):
+                if worker is not None and queue in (worker.get("queues") or []) \
+                        and serves_here(worker, mine):
                     nodes.append(str(worker["node"]))
         except Exception as exc:  # hung, refused, unresolvable: say so, do not wait again
             _unreachable_until[url] = time.monotonic() + UNREACHABLE_SECONDS

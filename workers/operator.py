@@ -25,12 +25,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {"retry": ("failed", "dead"),
                                        "cancel": ("queued", "retrying")}
 BULK_LIMIT = 100_000  # one transaction; beyond that, narrow the filter (time range, type)
 
-# Due from the retry (next_attempt_at = now): the queue's oldest age and the job's queue wait
-# count from when it was put back, not from its creation days ago (a bulk retry of last
-# week's dead jobs read as a week-old queue, and WardenQueueStale fired).
-_RETRY_SET = ("status='queued', attempts=0, published_at=NULL, delivered_at=NULL, "
-              "next_attempt_at=now(), finished_at=NULL, expires_at=NULL, "
-              "manual_retries=manual_retries+1")
+_RETRY_SET = jobstore.RETRY_SET  # (its comment says why each column)
 _CANCEL_SET = ("status='cancelled', finished_at=now(), error_code='cancelled', "
                "error_message=:why")
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import text
 
 from workers.db import session_scope
+from workers.settings import get_settings
 
 REASONS = ("done", "failed", "dead", "cancelled", "running", "children", "countdown",
            "backoff", "singleton", "outbox", "no_worker", "queue")
@@ -59,10 +60,20 @@ def explain(row: Mapping[str, Any], *, singleton: bool = False, queue: str | Non
     if status == "running":
         progress = row.get("progress") or {}
         done = f", progress {progress.get('done')}/{progress.get('total')}" if progress else ""
-        return {"reason": "running",
-                "message": f"running on {row.get('worker')} since {_iso(row.get('started_at'))}"
-                           f" (lease until {_iso(row.get('lease_expires_at'))}){done}",
-                "worker": row.get("worker"), "lease_expires_at": _iso(row.get("lease_expires_at"))}
+        lease = row.get("lease_expires_at")
+        out: dict[str, Any] = {"reason": "running",
+                               "message": f"running on {row.get('worker')} since "
+                                          f"{_iso(row.get('started_at'))} (lease until "
+                                          f"{_iso(lease)}){done}",
+                               "worker": row.get("worker"), "lease_expires_at": _iso(lease)}
+        if isinstance(lease, datetime) and lease < datetime.now(UTC):
+            # Its owner stopped renewing (dead, stalled, or cut off from the database): it
+            # may still renew; else it is taken over (ADR 0012).
+            lost = get_settings().relay_lost_after
+            out["message"] += (f"; its lease lapsed at {_iso(lease)}: unless its owner renews "
+                               f"it, it is taken over from {_iso(lease + timedelta(seconds=lost))}"
+                               " (at once if its owner is proven dead)")
+        return out
     if status == "waiting":
         return {"reason": "children",
                 "message": f"waiting for {row['children_pending']} of {row['children_total']} "
@@ -101,7 +112,8 @@ def explain(row: Mapping[str, Any], *, singleton: bool = False, queue: str | Non
             live = consumers
         if live == []:
             return {"reason": "no_worker", "queue": queue,
-                    "message": f"no worker consumes its queue {queue!r}"}
+                "message": f"no worker consumes its queue {queue!r} (none of this "
+                           "deployment: a worker of another database refuses its message)"}
         ahead = s.execute(
             text("SELECT count(*) FROM job_runs WHERE status IN ('queued', 'retrying') "
                  "AND delivered_at IS NULL AND published_at IS NOT NULL AND "

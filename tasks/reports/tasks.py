@@ -34,7 +34,10 @@ def _queue_alert(session: Session, report_id: int) -> enqueue.Prepared:
     return prepared
 
 
-@app.task(name="report.health", base=JobTask, params=Health, bind=True)
+# An alert pages whoever receives the webhook: an operator's call (the schedule, or an
+# admin), not a service token's; a report without one is any enqueue token's (alert=false).
+@app.task(name="report.health", base=JobTask, params=Health, bind=True,
+          admin_when={"alert": True})
 def health(self: JobTask, params: Health) -> dict[str, Any]:
     """Compute and store DOMAIN.md's health report; a degraded one queues its alert.
 

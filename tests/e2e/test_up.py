@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,8 +114,11 @@ def _stop_up(up: Proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("up-embedded")
+def stack() -> Iterator[Stack]:
+    # Not under pytest's basetemp: the embedded PostgreSQL runs as an unprivileged user that
+    # must traverse every parent directory, and each pytest-xdist process that starts sets
+    # pytest's own temp root back to 0700 (as the suite's services fixture, a mkdtemp).
+    root = Path(tempfile.mkdtemp(prefix="warden-up-test-"))
     env = _embedded_env(root / "data")
     up = Proc(["up", "--no-demo", "--concurrency", "1"], env, root / "up.log")
     try:
@@ -121,6 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(up, env, root / "data", f"http://127.0.0.1:{env['WARDEN_API_PORT']}")
     finally:
         _stop_up(up)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _postmaster(stack: Stack) -> psutil.Process:

@@ -12,14 +12,30 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 from tests.conftest import Services
+from tests.integration.test_audit_helpers import Isolated, isolated
 from workers import identity, jobstore
 
 LOST_AFTER = 3.0  # WARDEN_RELAY_LOST_AFTER in tests
+
+@pytest.fixture(scope="module", autouse=True)
+def own_database(services: Services) -> Iterator[Isolated]:
+    """A database of this module's own: the suite's shared one has a worker and relays,
+    which would send and run these hand-made jobs (a lapsed `running` row is re-sent)."""
+    with isolated(services) as own:
+        yield own
+
+
+@pytest.fixture
+def db(own_database: Isolated) -> Iterator[psycopg.Connection]:
+    with own_database.connect() as conn:
+        yield conn
+
 
 
 def _insert(db: psycopg.Connection, **cols: object) -> str:
@@ -163,3 +179,14 @@ def test_an_adopted_singleton_waits_for_the_running_one(services: Services,
     again = jobstore.claim(bare, kind, {"seconds": 0}, identity.new_token(), "w", 5,
                            singleton=True, adopt=True)
     assert again.action == "run", again
+
+
+def test_an_operator_retry_gives_back_the_spared_lapses(db: psycopg.Connection) -> None:
+    # given a job that ended dead after lapsing on its last attempt
+    other_host = "elsewhere:0000000000000000:1:4242:1:abcdef"
+    job_id = _running(db, other_host, attempts=3, lapsed=LOST_AFTER + 5,
+                      lapses=jobstore.MAX_LAPSES)
+    assert _claim(job_id).action == "dead"
+    # when an operator retries it; then its new last attempt is spared like a fresh job's
+    jobstore.operator_retry(job_id)
+    assert _row(db, job_id)["lapses"] == 0

@@ -8,17 +8,34 @@ key already held (made before the reservation) fails the parent visibly.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import httpx
 import psycopg
 import pytest
 
 from tests.conftest import Services
+from tests.integration.test_audit_helpers import Isolated, isolated
 from workers import identity, jobstore
 from workers.enqueue import FanOutKeyTaken, ReservedKey, fan_out_children, submit
 
 
-def test_a_child_key_shape_is_refused_to_producers(services: Services) -> None:
+@pytest.fixture
+def own_database(services: Services) -> Iterator[Isolated]:
+    """A database of this module's own: the suite's shared one has a worker and relays,
+    which would send and run these hand-made jobs (a lapsed `running` row is re-sent)."""
+    with isolated(services) as own:
+        yield own
+
+
+@pytest.fixture
+def db(own_database: Isolated) -> Iterator[psycopg.Connection]:
+    with own_database.connect() as conn:
+        yield conn
+
+
+
+def test_a_child_key_shape_is_refused_to_producers(own_database: Isolated) -> None:
     with pytest.raises(ReservedKey):
         submit("platform.ping", {}, idempotency_key=f"{uuid.uuid4()}:1", source="cli")
 

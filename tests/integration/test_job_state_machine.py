@@ -18,20 +18,46 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 from sqlalchemy import text
 
 from tests.conftest import Services
+from tests.integration.test_audit_helpers import Isolated, isolated
+from tests.support.tasks import EFFECTS_DDL
 from workers import identity, jobstore
 from workers.db import session_scope
+from workers.settings import get_settings
 
 MAX_ATTEMPTS = 3
 FINAL = {"succeeded", "failed", "dead", "cancelled"}
+
+@pytest.fixture(scope="module", autouse=True)
+def own_database(services: Services) -> Iterator[Isolated]:
+    """A database of this module's own: the suite's shared one has a worker and relays,
+    which would send and run these hand-made jobs (a lapsed `running` row is re-sent)."""
+    with isolated(services) as own:
+        with own.connect() as conn:
+            conn.execute(EFFECTS_DDL)
+        yield own
+
+
+@pytest.fixture
+def db(own_database: Isolated) -> Iterator[psycopg.Connection]:
+    with own_database.connect() as conn:
+        yield conn
+
 
 
 def _dead_token() -> str:
@@ -59,12 +85,17 @@ class JobMachine(RuleBasedStateMachine):
         super().__init__()
         self.conn = psycopg.connect(self.database_url, autocommit=True)
         self.job_id = str(uuid.uuid4())
-        self.conn.execute("INSERT INTO job_runs (id, type, params, max_attempts) "
-                          "VALUES (%s, 'platform.ping', '{}', %s)",
-                          (self.job_id, MAX_ATTEMPTS))
+        self.budget = MAX_ATTEMPTS
         self.runs: list[tuple[str, int]] = []
         self.owner_of: dict[int, str] = {}
         self.epoch = 0
+
+    @initialize(budget=st.integers(1, MAX_ATTEMPTS))
+    def a_job(self, budget: int) -> None:
+        # budgets from 1 (every takeover is on the last attempt) to MAX_ATTEMPTS
+        self.budget = budget
+        self.conn.execute("INSERT INTO job_runs (id, type, params, max_attempts) "
+                          "VALUES (%s, 'platform.ping', '{}', %s)", (self.job_id, budget))
 
     def teardown(self) -> None:
         self.conn.close()
@@ -77,9 +108,21 @@ class JobMachine(RuleBasedStateMachine):
 
     def _claimed(self, owner: str) -> None:
         before = self._row()
-        got = jobstore.claim(self.job_id, "platform.ping", {}, owner, "prop:1", MAX_ATTEMPTS,
+        lapsed_long = self.conn.execute(
+            "SELECT lease_expires_at < now() - make_interval(secs => %s) FROM job_runs "
+            "WHERE id = %s", (get_settings().relay_lost_after, self.job_id)).fetchone()
+        got = jobstore.claim(self.job_id, "platform.ping", {}, owner, "prop:1", self.budget,
                              adopt=False)
         assert got.action in {"run", "done", "final", "busy", "dead", "early"}, got
+        if got.action == "run" and before["status"] == "running" and before["owner"] != owner:
+            # a takeover: only from an owner proven dead, or whose lease lapsed long ago
+            # (review N5: a lapse shorter than WARDEN_RELAY_LOST_AFTER may be an outage)
+            assert identity.holder_is_dead(str(before["owner"])) or lapsed_long == (True,), (
+                before, lapsed_long)
+            if not identity.holder_is_dead(str(before["owner"])) \
+                    and int(before["attempts"]) >= self.budget:  # type: ignore[call-overload]
+                # the last attempt is spared, and that is counted
+                assert self._row()["lapses"] == int(before["lapses"]) + 1  # type: ignore[call-overload]
         if got.action == "dead":
             # only a budget spent by owners proven dead, or lapsing too often: never a
             # healthy owner's job declared dead (review N5)
@@ -99,6 +142,12 @@ class JobMachine(RuleBasedStateMachine):
         # a claim retried after its answer was lost
         owner, _ = data.draw(st.sampled_from(self.runs))
         self._claimed(owner)
+
+    @rule(kind=st.sampled_from(["live", "remote"]))
+    def relay_resends_a_long_lapsed_job(self, kind: str) -> None:
+        # what the relay does for a lease lapsed past WARDEN_RELAY_LOST_AFTER: a new delivery
+        self.lease_lapses(10)
+        self._claimed(_token(kind, self.dead))
 
     @rule(seconds=st.sampled_from([1, 10]))
     def lease_lapses(self, seconds: int) -> None:
@@ -132,7 +181,7 @@ class JobMachine(RuleBasedStateMachine):
     def fail(self, data: st.DataObject, transient: bool) -> None:
         _, epoch = data.draw(st.sampled_from(self.runs))
         attempts = int(self._row()["attempts"])  # type: ignore[call-overload]
-        status = ("retrying" if attempts < MAX_ATTEMPTS else "dead") if transient else "failed"
+        status = ("retrying" if attempts < self.budget else "dead") if transient else "failed"
         jobstore.finish(self.job_id, epoch, status, "boom", "boom", 0.0 if transient else None)
 
     @rule()
@@ -153,6 +202,8 @@ class JobMachine(RuleBasedStateMachine):
         self.epoch = epoch
         attempts = int(row["attempts"])  # type: ignore[call-overload]
         assert attempts <= int(row["max_attempts"]), row  # type: ignore[call-overload]
+        # spared takeovers are bounded: a job that lapses for ever still ends
+        assert int(row["lapses"]) <= jobstore.MAX_LAPSES, row  # type: ignore[call-overload]
         effects = self.conn.execute("SELECT count(*) FROM test_effects WHERE job_id = %s",
                                     (self.job_id,)).fetchone()
         assert effects == ((1,) if row["status"] == "succeeded" else (0,)), (effects, row)
@@ -163,11 +214,11 @@ class JobMachine(RuleBasedStateMachine):
             status == "running" and row["lease_expires_at"] is not None), row
 
 
-def test_the_job_state_machine_keeps_its_rules(services: Services) -> None:
-    JobMachine.database_url = services.database_url
+def test_the_job_state_machine_keeps_its_rules(own_database: Isolated) -> None:
+    JobMachine.database_url = own_database.url
     JobMachine.dead = _dead_token()
     state_test = JobMachine.TestCase
-    state_test.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
+    state_test.settings = settings(max_examples=80, stateful_step_count=30, deadline=None,
                                    suppress_health_check=list(HealthCheck))
     state_test("runTest").runTest()
 

@@ -203,3 +203,22 @@ def test_while_redis_hangs_a_job_and_a_page_of_jobs_answer_at_once(
     finally:
         api.stop()
         hung.close()
+
+
+def test_a_running_job_whose_lease_lapsed_says_when_it_may_be_taken_over(
+        services: Services) -> None:
+    # given a running job whose owner stopped renewing its lease 10 s ago (an outage, a stall)
+    from datetime import UTC, datetime, timedelta
+
+    from workers import why
+
+    lapsed = datetime.now(UTC) - timedelta(seconds=10)
+    row = {"status": "running", "worker": "host-b:1", "started_at": lapsed,
+           "lease_expires_at": lapsed, "progress": None, "error_code": None,
+           "error_message": None}
+    # then "why" says so, and from when a takeover may happen (WARDEN_RELAY_LOST_AFTER)
+    said = why.explain(row)["message"]
+    assert "its lease lapsed at" in said and "taken over from" in said, said
+    # and a live lease says nothing of the kind
+    row["lease_expires_at"] = datetime.now(UTC) + timedelta(seconds=10)
+    assert "lapsed" not in why.explain(row)["message"]

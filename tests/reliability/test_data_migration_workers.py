@@ -288,9 +288,10 @@ def test_pause_resume_and_cancel_by_cli_and_api(st: Stage) -> None:
         assert (job[0], job[3]["status"], state["status"]) == ("succeeded", expected, expected)
         return state
 
-    # given a slow migration (20 ms a row) of 300 characters, started detached
+    # given a slow migration (50 ms a row: still running when each step below, an HTTP
+    # call or a CLI process on a loaded machine, gets to it) of 300 characters, detached
     ids = _legacy(st.db, 300)
-    _inject(st.db, "PERFORM pg_sleep(0.02);")
+    _inject(st.db, "PERFORM pg_sleep(0.05);")
     assert st.cli("migrate", "data", LEGACY, "--batch-size", "4", "--detach").returncode == 0
     st.wait_batches(2)
     # when an operator pauses it from the CLI, then its run ends paused
