@@ -6,6 +6,7 @@ session that takes some of them runs them against the same database: nothing to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -224,16 +225,27 @@ def test_the_same_award_enqueued_many_times_under_repeated_sigkill_is_given_once
 
 
 def _kill_one_busy_child(workers: list[Proc], db: psycopg.Connection, ids: list[str]) -> int:
-    """SIGKILL the pool process of a running award (job_runs.worker is <host>:<pid>)."""
-    children = {p.pid for w in workers for p in psutil.Process(w.pid).children(recursive=True)}
+    """SIGKILL the pool process of a running award (job_runs.worker is <name>@<host>:<pid>):
+    one of `workers`' or of any other worker of the suite's process consuming the same
+    queue (the session's worker takes its share, most of it on a loaded machine)."""
+    ours = {w.pid for w in workers}
     rows = db.execute("SELECT worker FROM job_runs WHERE id = ANY(%s::uuid[]) "
                       "AND status = 'running'", (ids,)).fetchall()
     for (worker,) in rows:
         pid = int(str(worker).rsplit(":", 1)[1]) if worker else 0
-        if pid in children:
-            os.kill(pid, signal.SIGKILL)
-            return 1
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(pid).parent()
+            # a pool child (its parent a worker's main process), never a main process
+            if parent is not None and (parent.pid in ours or _is_worker(parent)):
+                os.kill(pid, signal.SIGKILL)
+                return 1
     return 0
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    """A worker's main process (`warden worker`: python -m cli.main worker ...)."""
+    cmd = proc.cmdline()
+    return "worker" in cmd and ("cli.main" in cmd or any("celery" in c for c in cmd))
 
 
 def test_a_redelivered_award_job_is_not_run_twice(services: Services, db: psycopg.Connection,
