@@ -23,6 +23,12 @@ class AlreadyProcessed(DomainError):
     code = "already_processed"
 
 
+class OutOfOrder(DomainError):
+    """A spend request's dot cannot be approved: the dot below it is not held."""
+
+    code = "out_of_order"
+
+
 class XpAlreadyGiven(DomainError):
     code = "xp_already_given"
 

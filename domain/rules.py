@@ -7,6 +7,7 @@ rule here and the convention test tells you which migration must follow.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ATTRIBUTES: tuple[str, ...] = (
@@ -149,6 +150,33 @@ def xp_cost(kind: str, new_value: int) -> int:
     if cost <= 0:
         raise ValueError(f"a {kind} cannot be raised to {new_value}")
     return cost
+
+
+# Spends buy one dot at a time, each paid at its own price (xp_cost) when it is asked for.
+# Pending dots of one trait may stack (3, then 4 while 3 waits), but every dot a character
+# holds must have been paid at its price exactly once (review N7: deny 3, approve 4 bought
+# two dots for one price), so:
+# - a spend asks for the dot above both the current value and the highest pending dot;
+# - approving a dot needs the dot below it held (the trait is exactly trait_value - 1):
+#   dots are approved in order, and a dot whose lower dot is not held is refused
+#   (out_of_order) and left Pending, for the storyteller to deny (which refunds it);
+# - denying a dot also denies every higher pending dot of the same trait and refunds each
+#   (they were priced on top of the denied one, and can never be approved in order now).
+
+
+def next_spend_value(current: int, highest_pending: int | None) -> int:
+    """The only value a spend of a trait may ask for: one dot above what is held or asked."""
+    return max(current, highest_pending or 0) + 1
+
+
+def approvable(current: int, trait_value: int) -> bool:
+    """Whether a pending dot may be approved: the dot below it is held, and it is not."""
+    return current == trait_value - 1
+
+
+def denied_with(trait_value: int, pending_values: Iterable[int]) -> list[int]:
+    """The pending dots of a trait that a denial of `trait_value` denies too: every one above."""
+    return sorted(v for v in pending_values if v > trait_value)
 
 
 def value_for_cost(kind: str, cost: int) -> int | None:

@@ -6,9 +6,15 @@ difference before the ledger existed: it gets one `adjust` row for it. A charact
 already has an opening entry and still differs is not papered over: verify counts it,
 so the migration does not succeed until the audit has explained it.
 
-Why FOR SHARE on the batch's characters (ascending id, like every XP flow): the XP jobs
-lock a character FOR NO KEY UPDATE to change its xp, which conflicts with SHARE, so no
-award can land between reading xp and reading the ledger sum.
+Why two statements: the batch's characters are locked FOR SHARE (ascending id, like every
+XP flow) in one, and their xp and ledger sums are read in the next. The XP flows lock a
+character FOR NO KEY UPDATE to change its xp and write its ledger row, which conflicts with
+SHARE, so once the locks are held no flow can change either. Under READ COMMITTED a lock that
+had to wait for a flow returns the row's new version, but the rest of that same statement
+reads its snapshot from before the wait: in one statement, xp would include the flow's
+change and the ledger sum would not, and the opening entry would count it twice (review N2;
+the migration could then never pass its verify). The second statement's snapshot starts
+after the locks are held, so it sees the flow's xp and its ledger row together.
 """
 
 from __future__ import annotations
@@ -27,19 +33,19 @@ NAME = "xp_opening_balances"
 REASON = "opening balance: XP held before the ledger (data migration xp_opening_balances)"
 OPENING = "x.kind = 'adjust' AND x.reason LIKE 'opening balance%'"
 
+LOCK = text("""
+    SELECT c.id FROM characters c WHERE c.id > :lower AND c.id <= :upper
+    ORDER BY c.id FOR SHARE
+""")
+
 TRANSFORM = text(f"""
-    WITH locked AS (
-        SELECT c.id, c.xp, c.created_at FROM characters c
-        WHERE c.id > :lower AND c.id <= :upper
-        ORDER BY c.id
-        FOR SHARE
-    ), sums AS (
-        SELECT l.id, l.xp, l.created_at,
-               coalesce((SELECT sum(x.delta) FROM xp_ledger x WHERE x.character_id = l.id), 0)
+    WITH sums AS (
+        SELECT c.id, c.xp, c.created_at,
+               coalesce((SELECT sum(x.delta) FROM xp_ledger x WHERE x.character_id = c.id), 0)
                    AS total,
-               EXISTS (SELECT 1 FROM xp_ledger x WHERE x.character_id = l.id AND {OPENING})
+               EXISTS (SELECT 1 FROM xp_ledger x WHERE x.character_id = c.id AND {OPENING})
                    AS has_opening
-        FROM locked l
+        FROM characters c WHERE c.id = ANY(:ids)
     ), ins AS (
         INSERT INTO xp_ledger (character_id, delta, kind, reason, created_at, job_id)
         SELECT id, xp - total, 'adjust', :reason, created_at, :job_id
@@ -52,10 +58,17 @@ TRANSFORM = text(f"""
 
 
 def transform(session: Session, ctx: Context, batch: Batch) -> Outcome:
-    """Add the opening entries of characters (lower, upper]."""
-    row = session.execute(TRANSFORM, {
+    """Add the opening entries of characters (lower, upper]: lock them, then read and write
+    in a statement whose snapshot starts after the locks (module docstring)."""
+    isolation = session.execute(text("SHOW transaction_isolation")).scalar_one()
+    if isolation != "read committed":  # one snapshot per transaction: the fix would not hold
+        raise RuntimeError(f"{NAME} needs READ COMMITTED, not {isolation}")
+    ids = list(session.execute(LOCK, {
         "lower": batch.lower if batch.lower is not None else -1, "upper": batch.upper,
-        "reason": REASON, "job_id": uuid.UUID(ctx.job_id) if ctx.job_id else None,
+    }).scalars())
+    row = session.execute(TRANSFORM, {
+        "ids": ids, "reason": REASON,
+        "job_id": uuid.UUID(ctx.job_id) if ctx.job_id else None,
     }).one()
     return Outcome(int(row.changed))
 

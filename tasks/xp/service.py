@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import text
@@ -28,6 +28,7 @@ from domain.errors import (
     InsufficientXp,
     InvalidRequest,
     NotAParticipant,
+    OutOfOrder,
     XpAlreadyGiven,
 )
 
@@ -64,8 +65,9 @@ class DecisionResult(Result):
     state: str
     trait_name: str
     trait_value: int  # the value the request asked for
-    refunded: int
+    refunded: int  # everything this decision refunded (the higher dots a denial took too)
     xp: int
+    also_denied: list[int] = field(default_factory=list)  # higher pending dots, ascending
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ def spend(session: Session, character_id: int, trait_name: str, trait_value: int
     """Deduct the cost of raising `trait_name` to `trait_value` now and file a Pending request.
 
     The new value must be exactly one dot above both the current value and every pending
-    request for the same trait (a second pending dot is paid at the next dot's price).
+    request for the same trait (rules.next_spend_value): a second pending dot is paid at
+    the next dot's price, and is only ever approved after the dot below it.
     """
     if trait_name not in rules.SPENDABLE_TRAITS:
         raise InvalidRequest(f"{trait_name!r} is not a trait XP can raise")
@@ -175,7 +178,8 @@ def spend(session: Session, character_id: int, trait_name: str, trait_value: int
              "AND trait_name = :t AND state = :pending"),
         {"c": character_id, "t": trait_name, "pending": rules.SPEND_PENDING},
     ).scalar_one()
-    expected = max(int(row.current), int(pending or 0)) + 1
+    expected = rules.next_spend_value(int(row.current),
+                                      None if pending is None else int(pending))
     rng = rules.trait_range(trait_name)
     if trait_value != expected:
         raise InvalidRequest(
@@ -221,46 +225,97 @@ def _lock_request(session: Session, request_id: int) -> tuple[Any, int]:
 
 def approve_spend(session: Session, request_id: int, decided_by: int, *,
                   job_id: str | uuid.UUID | None = None) -> DecisionResult:
-    """Mark a Pending request Approved and raise the trait (the XP was paid at the spend).
+    """Mark a Pending request Approved and raise the trait to its value (the XP was paid at
+    the spend).
 
-    The trait never goes down: a later dot approved first is kept (GREATEST). No XP moves
-    on approval, so it writes no ledger row (job_id is taken for a uniform signature).
+    Dots are approved in order (rules.approvable): the trait must be exactly one below the
+    request's value, else OutOfOrder and the request stays Pending. Why: a dot approved
+    over a lower dot that is later denied (or never approved) would be held without the
+    lower dot's price having been paid (review N7). No XP moves on approval, so it writes
+    no ledger row (job_id is taken for a uniform signature).
     """
     request, xp = _lock_request(session, request_id)
+    if request.trait_name in rules.TRAIT_RANGES:  # a column (legacy 'other' traits are not)
+        column = request.trait_name  # checked against the rules' column names just above
+        current = int(session.execute(  # the character is locked: it cannot move under us
+            text(f"SELECT {column} FROM characters WHERE id = :id"),
+            {"id": request.character_id},
+        ).scalar_one())
+        value = int(request.trait_value)
+        if not rules.approvable(current, value):
+            raise OutOfOrder(_out_of_order(session, request, current))
+        session.execute(
+            text(f"UPDATE characters SET {column} = :v WHERE id = :id"),
+            {"v": value, "id": request.character_id},
+        )
     session.execute(
         text("UPDATE xp_spend_requests SET state = :state, decided_at = now(), "
              "decided_by = :by WHERE id = :id"),
         {"state": rules.SPEND_APPROVED, "by": decided_by, "id": request_id},
     )
-    if request.trait_name in rules.TRAIT_RANGES:  # a column (legacy 'other' traits are not)
-        column = request.trait_name  # checked against the rules' column names just above
-        session.execute(
-            text(f"UPDATE characters SET {column} = GREATEST({column}, :v) WHERE id = :id"),
-            {"v": request.trait_value, "id": request.character_id},
-        )
     return DecisionResult(request_id, int(request.character_id), rules.SPEND_APPROVED,
                           str(request.trait_name), int(request.trait_value), 0, xp)
 
 
+def _out_of_order(session: Session, request: Any, current: int) -> str:
+    """Why a request's dot cannot be approved, and what the storyteller can do instead."""
+    name, value = str(request.trait_name), int(request.trait_value)
+    if current >= value:
+        return (f"spend request {request.id}: {name} {value} is already held ({name} is "
+                f"{current}); deny it to refund its {int(request.cost)} XP")
+    below = session.execute(
+        text("SELECT id FROM xp_spend_requests WHERE character_id = :c AND trait_name = :t "
+             "AND trait_value = :v AND state = :pending ORDER BY id LIMIT 1"),
+        {"c": request.character_id, "t": name, "v": value - 1, "pending": rules.SPEND_PENDING},
+    ).scalar()
+    waiting = (f"; approve request {below} ({name} {value - 1}) first" if below is not None
+               else "")
+    return (f"spend request {request.id}: {name} {value} needs {name} {value - 1} first "
+            f"({name} is {current}){waiting}")
+
+
 def deny_spend(session: Session, request_id: int, decided_by: int, *,
                job_id: str | uuid.UUID | None = None) -> DecisionResult:
-    """Mark a Pending request Denied and refund its cost (a ledger refund row)."""
+    """Mark a Pending request Denied and refund its cost (a ledger refund row); every higher
+    pending dot of the same trait is denied and refunded with it (rules.denied_with).
+
+    Why the higher dots go too: each was priced on top of this one and could now never be
+    approved in order; refunding them keeps every held dot paid at its price (review N7).
+    """
     request, _ = _lock_request(session, request_id)
+    higher = session.execute(  # the character is locked: no spend can add to these
+        text("SELECT id, trait_value, cost FROM xp_spend_requests WHERE character_id = :c "
+             "AND trait_name = :t AND state = :pending AND id <> :id ORDER BY id "
+             "FOR NO KEY UPDATE"),
+        {"c": request.character_id, "t": request.trait_name, "pending": rules.SPEND_PENDING,
+         "id": request_id},
+    ).all()
+    taken = set(rules.denied_with(int(request.trait_value),
+                                  [int(r.trait_value) for r in higher]))
+    also = sorted((int(r.trait_value), int(r.id), int(r.cost)) for r in higher
+                  if int(r.trait_value) in taken)
+    ids = [request_id, *(rid for _, rid, _ in also)]
     session.execute(
         text("UPDATE xp_spend_requests SET state = :state, decided_at = now(), "
-             "decided_by = :by WHERE id = :id"),
-        {"state": rules.SPEND_DENIED, "by": decided_by, "id": request_id},
+             "decided_by = :by WHERE id = ANY(:ids)"),
+        {"state": rules.SPEND_DENIED, "by": decided_by, "ids": ids},
     )
-    cost = int(request.cost)
+    cost = int(request.cost) + sum(c for _, _, c in also)
     xp = int(session.execute(
         text("UPDATE characters SET xp = xp + :cost WHERE id = :id RETURNING xp"),
         {"cost": cost, "id": request.character_id},
     ).scalar_one())
-    _ledger(session, [{"character_id": int(request.character_id), "delta": cost,
-                       "kind": "refund", "reason": "spend request denied",
-                       "spend_request_id": request_id, "job_id": _job(job_id)}])
-    return DecisionResult(request_id, int(request.character_id), rules.SPEND_DENIED,
-                          str(request.trait_name), int(request.trait_value), cost, xp)
+    character, job = int(request.character_id), _job(job_id)
+    _ledger(session, [
+        {"character_id": character, "delta": int(request.cost), "kind": "refund",
+         "reason": "spend request denied", "spend_request_id": request_id, "job_id": job},
+        *({"character_id": character, "delta": c, "kind": "refund",
+           "reason": f"spend request denied with request {request_id} (a dot below it)",
+           "spend_request_id": rid, "job_id": job} for _, rid, c in also),
+    ])
+    return DecisionResult(request_id, character, rules.SPEND_DENIED,
+                          str(request.trait_name), int(request.trait_value), cost, xp,
+                          [rid for _, rid, _ in also])
 
 
 def approve_weekly(session: Session, request_id: int, approved_by: int, *,

@@ -15,6 +15,7 @@ from domain.errors import (
     InsufficientXp,
     InvalidRequest,
     NotAParticipant,
+    OutOfOrder,
     XpAlreadyGiven,
 )
 from tasks.xp import service
@@ -156,6 +157,91 @@ def test_deny_refunds_the_cost_in_the_ledger(db: psycopg.Connection) -> None:
     assert kinds == [("spend", -spent.cost), ("refund", spent.cost)]
     with pytest.raises(InvalidRequest):
         _run(service.deny_spend, 10**12, 5)
+
+
+def _held(db: psycopg.Connection, cid: int, trait: str) -> int:
+    row = db.execute(f"SELECT {trait} FROM characters WHERE id = %s", (cid,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _states(db: psycopg.Connection, *ids: int) -> list[str]:
+    return [db.execute("SELECT state FROM xp_spend_requests WHERE id = %s",
+                       (i,)).fetchone()[0] for i in ids]  # type: ignore[index]
+
+
+def test_deny_the_lower_dot_then_approve_the_higher_buys_nothing_for_free(
+        db: psycopg.Connection) -> None:
+    # given strength 2, 100 XP, and two stacked pending dots: 3 (8 XP) and 4 (12 XP)
+    cid = _character(db, 100, strength=2)
+    three = _run(service.spend, cid, "strength", 3)
+    four = _run(service.spend, cid, "strength", 4)
+    assert (three.cost, four.cost) == (rules.xp_cost("attribute", 3),
+                                       rules.xp_cost("attribute", 4))
+    # when the storyteller denies the 3 (review N7), then approves the 4
+    denied = _run(service.deny_spend, three.request_id, 7)
+    with pytest.raises(AlreadyProcessed):
+        _run(service.approve_spend, four.request_id, 7)
+    # then strength is still 2 and all 20 XP are back: the 4, priced on top of the 3,
+    # was denied and refunded with it (before the fix: strength 4 for 12 XP)
+    assert (_held(db, cid, "strength"), _xp(db, cid)) == (2, (100, 100))
+    assert _states(db, three.request_id, four.request_id) == ["Denied", "Denied"]
+    assert (denied.refunded, denied.xp, denied.also_denied) == (
+        three.cost + four.cost, 100, [four.request_id])
+    refunds = db.execute("SELECT spend_request_id, delta FROM xp_ledger WHERE character_id = %s "
+                         "AND kind = 'refund' ORDER BY spend_request_id", (cid,)).fetchall()
+    assert refunds == [(three.request_id, three.cost), (four.request_id, four.cost)]
+    # and the 3 can be bought again, at its price
+    again = _run(service.spend, cid, "strength", 3)
+    assert again.cost == three.cost
+
+
+def test_approve_the_higher_dot_first_is_refused_until_the_dot_below_is_held(
+        db: psycopg.Connection) -> None:
+    # given strength 2, 100 XP, pending dots 3 and 4
+    cid = _character(db, 100, strength=2)
+    three = _run(service.spend, cid, "strength", 3)
+    four = _run(service.spend, cid, "strength", 4)
+    # when the 4 is approved first, then out_of_order, naming the request to approve first;
+    # strength and both requests stay as they were
+    with pytest.raises(OutOfOrder) as err:
+        _run(service.approve_spend, four.request_id, 7)
+    assert err.value.code == "out_of_order"
+    assert f"approve request {three.request_id}" in str(err.value)
+    assert _held(db, cid, "strength") == 2
+    assert _states(db, three.request_id, four.request_id) == ["Pending", "Pending"]
+    # when the 3 is then denied, then the 4 goes with it: no dot held, nothing paid
+    _run(service.deny_spend, three.request_id, 7)
+    assert _held(db, cid, "strength") == 2
+    assert _xp(db, cid) == (100, 100)
+    # and in order, both dots are held for the price of both
+    three = _run(service.spend, cid, "strength", 3)
+    four = _run(service.spend, cid, "strength", 4)
+    _run(service.approve_spend, three.request_id, 7)
+    _run(service.approve_spend, four.request_id, 7)
+    assert _held(db, cid, "strength") == 4
+    assert _xp(db, cid) == (100 - three.cost - four.cost,) * 2
+
+
+def test_denying_the_higher_dot_keeps_the_lower_one_and_a_held_dot_is_not_sold_twice(
+        db: psycopg.Connection) -> None:
+    # given brawl 0 and pending dots 1, 2, 3
+    cid = _character(db, 100)
+    one, two, three = (_run(service.spend, cid, "brawl", v) for v in (1, 2, 3))
+    # when the 2 is denied, then the 3 goes with it and the 1 stays pending, approvable
+    denied = _run(service.deny_spend, two.request_id, 7)
+    assert _states(db, one.request_id, two.request_id, three.request_id) == [
+        "Pending", "Denied", "Denied"]
+    assert denied.also_denied == [three.request_id]
+    _run(service.approve_spend, one.request_id, 7)
+    assert _held(db, cid, "brawl") == 1
+    assert _xp(db, cid) == (100 - one.cost,) * 2
+    # given a pending dot that is already held (brawl set to 2 meanwhile, as legacy data or
+    # an operator may), when approved, then out_of_order: it is denied (refunded) instead
+    again = _run(service.spend, cid, "brawl", 2)
+    db.execute("UPDATE characters SET brawl = 2 WHERE id = %s", (cid,))
+    with pytest.raises(OutOfOrder, match="already held"):
+        _run(service.approve_spend, again.request_id, 7)
 
 
 def test_weekly_approval_awards_each_claimed_category_once(db: psycopg.Connection) -> None:
