@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from domain import rules
+from workers.scopes import PRINCIPAL_FIELD
 
 
 def _enum_items(schema: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -30,6 +31,24 @@ class Integrity(BaseModel):
         description="run only these checks (default: all eight)",
         json_schema_extra=lambda schema: _enum_items(schema, rules.INTEGRITY_CHECKS),
     )
+
+    # A fix rewrites characters and queues awards: an operator action (D3), so it says why,
+    # and who asked goes with it to the operator log. Checking needs neither.
+    reason: str | None = Field(None, max_length=500, validate_default=True,
+                               description="why (operator log); required when fix is true")
+    actor: str | None = Field(None, max_length=100,
+                              description="set by Warden to the submitting principal (the "
+                                          "API token's name, or cli:<login>); a value sent "
+                                          "by a client is replaced",
+                              json_schema_extra=PRINCIPAL_FIELD)
+
+    @field_validator("reason", mode="after")
+    @classmethod
+    def _reason_for_a_fix(cls, value: str | None, info: ValidationInfo) -> str | None:
+        reason = value.strip() if value else None
+        if info.data.get("fix") and not reason:
+            raise ValueError("a fix is an operator action: give the reason (operator log)")
+        return reason
 
     @field_validator("checks")
     @classmethod
