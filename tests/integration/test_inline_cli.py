@@ -123,7 +123,7 @@ def test_inline_audit_and_fix_change_only_the_database_named(twins: Twins) -> No
     assert summary.startswith("findings=") and not summary.startswith("findings=0 "), summary
     assert "negative_xp" in checked.stdout
     # when it fixes inline
-    fixed = twins.warden("audit", "--fix", "--inline")
+    fixed = twins.warden("audit", "--fix", "--inline", "--reason", "drill")
     assert fixed.returncode in (0, 1), fixed.stdout + fixed.stderr
     assert "(fix, rules " in fixed.stdout
     run_id = int(fixed.stdout.split("warden audit undo ")[1].split()[0])
