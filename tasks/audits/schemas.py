@@ -19,10 +19,19 @@ def _enum_items(schema: dict[str, Any], names: tuple[str, ...]) -> None:
             option["items"]["enum"] = list(names)
 
 
+# What the reason validator below enforces, in the params' JSON Schema (the catalogue,
+# OpenAPI): with fix true, a reason with something besides blanks.
+_REASON_WITH_FIX: dict[str, Any] = {
+    "if": {"properties": {"fix": {"const": True}}, "required": ["fix"]},
+    "then": {"properties": {"reason": {"type": "string", "pattern": r"\S"}},
+             "required": ["reason"]},
+}
+
+
 class Integrity(BaseModel):
     """Run DOMAIN.md's integrity checks, and optionally fix what they find."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_REASON_WITH_FIX)
 
     fix: bool = Field(False, description="apply every fix in one transaction, recording each "
                                          "changed row's before and after values")

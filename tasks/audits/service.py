@@ -146,7 +146,8 @@ def run_audit(
     run = get_run(session, run_id)
     if fix:
         assert reason is not None
-        oplog.record(session, actor=actor or f"job:{job_id}", action="audit.fix",
+        who = actor or (f"job:{job_id}" if job_id else "unknown")  # beat or a bare call
+        oplog.record(session, actor=who, action="audit.fix",
                      target=f"audit_run:{run_id}", reason=reason, count=int(run["changed_rows"]),
                      details={"job_id": job_id, "checks": list(selected),
                               "fixed": run["fixed"], "remaining": run["remaining"],
