@@ -1,4 +1,4 @@
-"""`warden audit [--fix] [--json] [--verbose] [--check NAME] [--inline]`,
+"""`warden audit [--fix --reason WHY] [--json] [--verbose] [--check NAME] [--inline]`,
 `warden audit runs|show|undo`.
 
 `warden audit` submits an audit.integrity job (the worker runs it; the job core keeps one
@@ -6,7 +6,9 @@ at a time), waits for it and prints the stored run. With `--inline` it runs the 
 this process against WARDEN_DATABASE_URL (cli/inline.py: no broker, no worker, no Redis),
 which is how a restored copy is audited. Exit codes, for cron and CI: 0 clean, 1 findings
 remain, 2 error (the job failed, timed out, or the database is unreachable).
-`undo` runs here, in one transaction, and is recorded in the operator log.
+`--fix` is an operator action: it needs `--reason`, and the fix is recorded in the
+operator log with who (cli:<login>) and why, as `undo` is. `undo` runs here, in one
+transaction.
 """
 
 from __future__ import annotations
@@ -167,7 +169,9 @@ def _show(run_id: int, *, as_json: bool, verbose: bool, check: str | None) -> di
 
 
 @click.group("audit", invoke_without_command=True)
-@click.option("--fix", is_flag=True, help="apply every fix in one transaction")
+@click.option("--fix", is_flag=True, help="apply every fix in one transaction (needs --reason)")
+@click.option("--reason", default=None,
+              help="why (operator log); required with --fix, which is an operator action")
 @click.option("--json", "as_json", is_flag=True,
               help="print the stored run as JSON ({run, findings} with --verbose)")
 @click.option("--verbose", "-v", is_flag=True, help="list every finding as well")
@@ -177,7 +181,7 @@ def _show(run_id: int, *, as_json: bool, verbose: bool, check: str | None) -> di
               help="seconds to wait (--inline: for an audit already running to end first)")
 @inline_option("the audit (and its fix)")
 @click.pass_context
-def audit(ctx: click.Context, fix: bool, as_json: bool, verbose: bool,
+def audit(ctx: click.Context, fix: bool, reason: str | None, as_json: bool, verbose: bool,
           checks: tuple[str, ...], timeout: float, inline: bool) -> None:
     """Run the integrity audit and print its run; exit 0 clean, 1 findings remain, 2 error.
 
@@ -188,34 +192,46 @@ def audit(ctx: click.Context, fix: bool, as_json: bool, verbose: bool,
     """
     if ctx.invoked_subcommand is not None:
         return
+    reason = reason.strip() if reason else None
+    if fix and not reason:
+        fail("--fix is an operator action: give --reason WHY (recorded in the operator log)")
+    if reason and not fix:
+        fail("--reason goes with --fix (a check changes nothing, so it logs nothing)")
     with errors_exit_2():
         if inline:
-            run_id = _audit_inline(fix, checks, timeout)
+            run_id = _audit_inline(fix, reason, checks, timeout)
         else:
             params: dict[str, Any] = {"fix": fix}
             if checks:
                 params["checks"] = list(checks)
+            if fix:
+                params.update(reason=reason, actor=actor())
             run_id = int(run_job("audit.integrity", params, timeout)["result"]["run_id"])
         run = _show(run_id, as_json=as_json, verbose=verbose,
                     check=checks[0] if len(checks) == 1 else None)
     sys.exit(EXIT_CLEAN if run["remaining"] == 0 else EXIT_FINDINGS)
 
 
-def _audit_inline(fix: bool, checks: tuple[str, ...], timeout: float) -> int:
-    """What the audit.integrity task does, in this process; returns the stored run's id."""
+def _audit_inline(fix: bool, reason: str | None, checks: tuple[str, ...],
+                  timeout: float) -> int:
+    """What the audit.integrity task does, in this process; returns the stored run's id.
+    The award jobs a fix queues stay in that database for its relay to send (no broker
+    here)."""
     from cli import inline
     from tasks.audits import service
     from tasks.audits.schemas import Integrity
     from workers.settings import get_settings
 
-    params = Integrity(fix=fix, checks=list(checks) or None)
+    params = Integrity(fix=fix, checks=list(checks) or None, reason=reason,
+                       actor=actor() if fix else None)
     with (inline.run("audit.integrity", params, singleton=True, timeout=timeout,
                      echo=to_stderr) as job,
           job.session() as session):
         run = service.run_audit(
             session, fix=params.fix, check_names=params.checks, job_id=job.id,
             lock_timeout=get_settings().audit_lock_timeout,
-            progress=lambda done, total, step: job.progress(done, total, step=step))
+            progress=lambda done, total, step: job.progress(done, total, step=step),
+            actor=params.actor, reason=params.reason)
         result = job.complete(session, service.run_summary(run))
     return int(result["run_id"])
 

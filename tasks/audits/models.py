@@ -35,7 +35,10 @@ LEVELS = ("finding", "report")
 # longer broke the rule: left alone); blocked (the row also breaks a rule of a check not
 # selected, which its constraint would refuse: nothing changed); gone (row deleted since
 # the scan); unfixable (no automatic fix, e.g. a scene's flags).
-OUTCOMES = ("fixed", "resolved_meanwhile", "blocked", "gone", "unfixable")
+# award_submitted, award_pending: a scene awaiting XP whose award a fix queued, or found
+# already queued (migration 0010).
+OUTCOMES = ("fixed", "resolved_meanwhile", "blocked", "gone", "unfixable", "award_submitted",
+            "award_pending")
 UNDO_OUTCOMES = ("reverted", "changed_since")
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from domain import rules
+from workers.scopes import PRINCIPAL_FIELD
 
 
 def _enum_items(schema: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -18,10 +19,19 @@ def _enum_items(schema: dict[str, Any], names: tuple[str, ...]) -> None:
             option["items"]["enum"] = list(names)
 
 
+# What the reason validator below enforces, in the params' JSON Schema (the catalogue,
+# OpenAPI): with fix true, a reason with something besides blanks.
+_REASON_WITH_FIX: dict[str, Any] = {
+    "if": {"properties": {"fix": {"const": True}}, "required": ["fix"]},
+    "then": {"properties": {"reason": {"type": "string", "pattern": r"\S"}},
+             "required": ["reason"]},
+}
+
+
 class Integrity(BaseModel):
     """Run DOMAIN.md's integrity checks, and optionally fix what they find."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_REASON_WITH_FIX)
 
     fix: bool = Field(False, description="apply every fix in one transaction, recording each "
                                          "changed row's before and after values")
@@ -30,6 +40,24 @@ class Integrity(BaseModel):
         description="run only these checks (default: all eight)",
         json_schema_extra=lambda schema: _enum_items(schema, rules.INTEGRITY_CHECKS),
     )
+
+    # A fix rewrites characters and queues awards: an operator action (D3), so it says why,
+    # and who asked goes with it to the operator log. Checking needs neither.
+    reason: str | None = Field(None, max_length=500, validate_default=True,
+                               description="why (operator log); required when fix is true")
+    actor: str | None = Field(None, max_length=100,
+                              description="set by Warden to the submitting principal (the "
+                                          "API token's name, or cli:<login>); a value sent "
+                                          "by a client is replaced",
+                              json_schema_extra=PRINCIPAL_FIELD)
+
+    @field_validator("reason", mode="after")
+    @classmethod
+    def _reason_for_a_fix(cls, value: str | None, info: ValidationInfo) -> str | None:
+        reason = value.strip() if value else None
+        if info.data.get("fix") and not reason:
+            raise ValueError("a fix is an operator action: give the reason (operator log)")
+        return reason
 
     @field_validator("checks")
     @classmethod

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from domain import checks, rules
 from workers import oplog
+from workers.enqueue import Prepared, submit_in
 from workers.errors import JobError
 
 Progress = Callable[[int, int, str], None]
@@ -47,6 +48,12 @@ class AlreadyUndone(JobError):
 
 class UnknownCheck(JobError):
     code = "unknown_check"
+
+
+class ReasonRequired(JobError):
+    """A fix is an operator action (review 2026-12-07, D3): it says why."""
+
+    code = "reason_required"
 
 
 def _lit(value: str) -> str:
@@ -80,13 +87,25 @@ def run_audit(
     job_id: str | None = None,
     lock_timeout: float | None = None,
     progress: Progress | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+    submitted: list[Prepared] | None = None,
 ) -> dict[str, Any]:
     """Run the audit (and the fix), store the run and its findings; returns the stored run.
 
     `lock_timeout` (seconds) bounds each wait for a row lock in fix mode: a lock that does
     not come fails the run (transient: the job retries), rather than stalling writers
     queued behind the audit.
+
+    A fix is an operator action: it needs `reason`, and the operator log records it with
+    `actor` (default: the job) in this transaction. Its scene_xp fix queues the missing
+    award of each finished scene awaiting XP in this transaction too (workers.enqueue.
+    submit_in); they are appended to `submitted` for the caller to publish once committed
+    (unpublished, the relay sends them).
     """
+    if fix and not (reason and reason.strip()):
+        raise ReasonRequired("a fix is an operator action: give the reason (--reason), "
+                             "recorded in the operator log")
     selected = selected_checks(check_names)
     character_rules = checks.rules_of(selected)
     steps = ((2 if fix else 1) if character_rules else 0) + (checks.ST_CHECK in selected) + 2
@@ -106,7 +125,7 @@ def run_audit(
         _scan_characters(session, character_rules)
         step("characters scanned")
         if fix:
-            _fix_characters(session, run_id, character_rules)
+            _fix_characters(session, run_id, character_rules, job_id)
             step("characters fixed")
         _store_character_findings(session, run_id, character_rules, fix)
     if checks.ST_CHECK in selected:
@@ -116,11 +135,28 @@ def run_audit(
         _store_st_findings(session, run_id, fix)
         step("st_relationships done")
     if checks.SCENE_CHECK in selected:
+        if fix:
+            queued = _submit_awards(session, run_id)
+            if submitted is not None:
+                submitted.extend(queued)
         _store_scene_findings(session, run_id, fix)
     step("scenes done")
     _finish(session, run_id, selected, fix)
     step("stored")
-    return get_run(session, run_id)
+    run = get_run(session, run_id)
+    if fix:
+        assert reason is not None
+        who = actor or (f"job:{job_id}" if job_id else "unknown")  # beat or a bare call
+        oplog.record(session, actor=who, action="audit.fix",
+                     target=f"audit_run:{run_id}", reason=reason, count=int(run["changed_rows"]),
+                     details={"job_id": job_id, "checks": list(selected),
+                              "fixed": run["fixed"], "remaining": run["remaining"],
+                              "awards_submitted": _count_outcome(run, "award_submitted")})
+    return run
+
+
+def _count_outcome(run: dict[str, Any], outcome: str) -> int:
+    return sum(int(t.get(outcome, 0)) for t in run["totals"].values())
 
 
 @dataclass
@@ -185,9 +221,12 @@ def _scan_characters(session: Session, selected: Sequence[checks.CharacterRule])
 
 
 def _fix_characters(session: Session, run_id: int,
-                    selected: Sequence[checks.CharacterRule]) -> None:
+                    selected: Sequence[checks.CharacterRule], job_id: str | None) -> None:
     """Lock the rows found, in id order; re-check them as they are now; fix them from their
     current values in one UPDATE; record each changed row's before and after.
+
+    A changed xp writes its xp_ledger row (kind adjust) in the same statement: xp equals the
+    sum of its ledger after a fix as before it (review 2026-12-07, N16).
 
     A row that also breaks a rule of a check NOT selected is left alone (blocked): its
     NOT VALID constraint would refuse the UPDATE, and fixing the other rule too would do
@@ -220,13 +259,22 @@ def _fix_characters(session: Session, run_id: int,
     note = ("CASE WHEN p.status IS DISTINCT FROM p.new_status THEN 'forced status change: ' || "
             f"quote_literal(p.status) || ' is not a known code, so no transition leads to ' || "
             f"{_lit(repr(rules.DEFAULT_STATUS))} END" if "status" in fixed else "NULL")
+    ledger = ""
+    if "xp" in fixed:
+        ledger = """, ledger AS (
+            INSERT INTO xp_ledger (character_id, delta, kind, reason, job_id)
+            SELECT p.id, p.new_xp - p.xp, 'adjust', :why, CAST(:job AS uuid)
+            FROM upd u JOIN audit_plan p ON p.id = u.id
+            WHERE p.new_xp IS DISTINCT FROM p.xp
+            ORDER BY p.id
+        )"""
     session.execute(text(f"""
         WITH upd AS (
             UPDATE characters c SET {sets}
             FROM audit_plan p
             WHERE c.id = p.id AND NOT p.blocked AND cardinality(p.violated) > 0
             RETURNING c.id, c.updated_at
-        )
+        ){ledger}
         INSERT INTO audit_changes (run_id, entity, entity_id, action, before, after,
                                    forced_status, row_updated_at, note)
         SELECT :run, 'character', p.id, 'update', d.before, d.after, {forced},
@@ -238,7 +286,11 @@ def _fix_characters(session: Session, run_id: int,
             FROM (VALUES {pairs}) v(k, b, a) WHERE b IS DISTINCT FROM a
         ) d
         ORDER BY p.id
-    """), {"run": run_id})
+    """), {"run": run_id, "job": job_id, "why": f"audit fix (run {run_id}): {_XP_RULES}"})
+
+
+# What an xp ledger row of a fix or its undo names as its cause.
+_XP_RULES = ", ".join(r.key for r in checks.CHARACTER_RULES if r.field == "xp")
 
 
 def _store_character_findings(session: Session, run_id: int,
@@ -336,26 +388,80 @@ def _store_st_findings(session: Session, run_id: int, fix: bool) -> None:
            "expected": f"one row per ({checks.ST_KEY_SQL}); the lowest id, "})
 
 
+# The scene award a fix queues for a finished scene awaiting XP: what a storyteller would
+# submit (every participant earned it), under a key of the run, through the normal path.
+AWARD_TYPE = "xp.award_scene"
+
+
+def award_key(run_id: int, scene_id: int) -> str:
+    """The idempotency key of the award fix run `run_id` queues for `scene_id`."""
+    return f"audit-fix-{run_id}-scene-{scene_id}"
+
+
+def _submit_awards(session: Session, run_id: int) -> list[Prepared]:
+    """Queue the missing award of each finished scene awaiting XP (check 8's report), in
+    this transaction; a scene whose award job is already queued or running gets none
+    (it is on its way). Each scene's outcome goes to the temp table audit_scene_awards."""
+    pending = {str(v) for v in session.execute(text(
+        "SELECT DISTINCT params ->> 'scene_id' FROM job_runs WHERE type = :type "
+        "AND status IN ('queued', 'retrying', 'running')"), {"type": AWARD_TYPE}).scalars()}
+    with _from_violation_index(session, "scenes"):
+        rows = session.execute(text(
+            "SELECT s.id, ARRAY(SELECT p.character_id FROM scene_participants p "
+            "WHERE p.scene_id = s.id ORDER BY 1) AS participants "
+            f"FROM scenes s WHERE {checks.scenes_broken_sql()} "
+            f"AND ({rules.SCENE_AWAITING_XP}) ORDER BY s.id")).all()
+    queued: list[Prepared] = []
+    outcomes: list[dict[str, Any]] = []
+    for r in rows:
+        if str(r.id) in pending:
+            outcomes.append({"s": int(r.id), "j": None, "o": "award_pending"})
+            continue
+        prepared = submit_in(session, AWARD_TYPE,
+                             {"scene_id": int(r.id),
+                              "awards": {int(c): True for c in r.participants}},
+                             idempotency_key=award_key(run_id, int(r.id)), source="audit.fix")
+        queued.append(prepared)
+        outcomes.append({"s": int(r.id), "j": str(prepared.row_params["id"]),
+                         "o": "award_submitted"})
+    session.execute(text("DROP TABLE IF EXISTS audit_scene_awards"))
+    session.execute(text("CREATE TEMP TABLE audit_scene_awards (scene_id bigint PRIMARY KEY, "
+                         "job_id uuid, outcome varchar) ON COMMIT DROP"))
+    if outcomes:
+        session.execute(text("INSERT INTO audit_scene_awards VALUES (:s, CAST(:j AS uuid), :o)"),
+                        outcomes)
+    return queued
+
+
 def _store_scene_findings(session: Session, run_id: int, fix: bool) -> None:
-    """One pass over scenes for every rule of check 8 (no fix: outcome unfixable)."""
+    """One pass over scenes for every rule of check 8. In fix mode a scene awaiting XP
+    names the award job queued for it (outcome award_submitted, or award_pending); an
+    xp_given flag on an unfinished scene has no automatic fix (unfixable)."""
     values = ", ".join(
         f"({r.sql}, {_lit(r.key)}, {_lit(r.level)}, {_lit(r.expected)})"
         for r in checks.SCENE_RULES
     )
-    outcome = "CASE WHEN f.level = 'finding' THEN 'unfixable' END" if fix else "NULL"
+    outcome, fixed, join = "NULL", "NULL", ""
+    if fix:
+        outcome = "CASE WHEN f.level = 'finding' THEN 'unfixable' ELSE a.outcome END"
+        fixed = ("CASE WHEN a.job_id IS NOT NULL THEN jsonb_build_object("
+                 "'xp_given', true, 'award_job', a.job_id) END")
+        join = "LEFT JOIN audit_scene_awards a ON a.scene_id = s.id AND f.level = 'report'"
     with _from_violation_index(session, "scenes"):
-        _insert_scene_findings(session, run_id, values, outcome)
+        _insert_scene_findings(session, run_id, values, outcome, fixed, join)
 
 
-def _insert_scene_findings(session: Session, run_id: int, values: str, outcome: str) -> None:
+def _insert_scene_findings(session: Session, run_id: int, values: str, outcome: str,
+                           fixed: str, join: str) -> None:
     session.execute(text(f"""
         INSERT INTO audit_findings (run_id, check_name, rule, level, entity, entity_id, field,
                                     value, expected, fix, fixable, outcome)
         SELECT :run, :check, f.rule, f.level, 'scene', s.id, 'xp_given',
                jsonb_build_object('finished', s.finished, 'xp_given', s.xp_given),
-               f.expected, NULL, false, {outcome}
+               f.expected, {fixed}, f.level = 'report', {outcome}
         FROM (SELECT id, finished, xp_given FROM scenes WHERE {checks.scenes_broken_sql()}) s
         CROSS JOIN LATERAL (VALUES {values}) f(bad, rule, level, expected)
+        {join}
         WHERE f.bad
         ORDER BY s.id
     """), {"run": run_id, "check": checks.SCENE_CHECK})
@@ -374,8 +480,8 @@ def _finish(session: Session, run_id: int, selected: Sequence[str], fix: bool) -
     for r in rows:
         entry = totals[r.check_name]
         entry["findings" if r.level == "finding" else "reports"] += int(r.n)
-        if fix and r.level == "finding" and r.outcome:
-            entry[r.outcome] += int(r.n)
+        if fix and r.outcome:  # a report's outcome too: the awards a scene_xp fix queued
+            entry[r.outcome] = entry.get(r.outcome, 0) + int(r.n)
     changed = int(session.execute(
         text("SELECT count(*) FROM audit_changes WHERE run_id = :run"), {"run": run_id}
     ).scalar_one())
@@ -471,16 +577,25 @@ def _undo_characters(session: Session, run_id: int) -> dict[str, Any]:
         f"CAST(ch.before ->> {_lit(c)} AS {_SQL_TYPES.get(c, 'smallint')}) ELSE c.{c} END"
         for c in checks.CHECK_COLUMNS
     )
+    # A reverted xp writes its compensating ledger row (N16): xp still equals its ledger sum.
+    # The row is unchanged since the fix (its updated_at), so its xp is the fix's after-value.
     session.execute(text(f"""
         WITH rev AS (
             UPDATE characters c SET {restore}
             FROM audit_changes ch
             WHERE ch.run_id = :run AND ch.entity = 'character' AND ch.entity_id = c.id
               AND c.updated_at = ch.row_updated_at
-            RETURNING ch.id
+            RETURNING ch.id, ch.entity_id, ch.before, ch.after
+        ), ledger AS (
+            INSERT INTO xp_ledger (character_id, delta, kind, reason)
+            SELECT entity_id, CAST(before ->> 'xp' AS integer) - CAST(after ->> 'xp' AS integer),
+                   'adjust', :why
+            FROM rev WHERE before ? 'xp' AND after ? 'xp'
+              AND before -> 'xp' IS DISTINCT FROM after -> 'xp'
+            ORDER BY entity_id
         )
         UPDATE audit_changes a SET undo_outcome = 'reverted' FROM rev WHERE a.id = rev.id
-    """), {"run": run_id})
+    """), {"run": run_id, "why": f"undo of audit fix (run {run_id}): {_XP_RULES}"})
     if saved:
         adds = ", ".join(
             f'ADD CONSTRAINT "{r.conname}" {r.definition.removesuffix(" NOT VALID")} NOT VALID'

@@ -7,6 +7,7 @@ from typing import Any
 from tasks.audits import service
 from tasks.audits.schemas import Integrity
 from workers.app import app
+from workers.enqueue import Prepared, publish_prepared
 from workers.jobs import JobTask
 from workers.settings import get_settings
 
@@ -24,12 +25,19 @@ def integrity(self: JobTask, params: Integrity) -> dict[str, Any]:
     Idempotency: the run, its findings, its fixes and the job's outcome commit together in
     one fenced transaction (self.complete): a redelivered job that succeeded returns its
     result, one that did not finds the data untouched and runs again (a fix re-run finds
-    nothing left to fix).
+    nothing left to fix). A fix is recorded in the operator log with its reason and who
+    submitted it (`actor`, set from the principal), and the scene awards it queues commit
+    with it (keys of the run) and are sent after the commit (else by the relay).
     """
+    submitted: list[Prepared] = []
     with self.session() as session:
         run = service.run_audit(
             session, fix=params.fix, check_names=params.checks, job_id=self.job_id,
             lock_timeout=get_settings().audit_lock_timeout,
             progress=lambda done, total, step: self.progress(done, total, step=step),
+            actor=params.actor, reason=params.reason, submitted=submitted,
         )
-        return self.complete(session, service.run_summary(run))
+        result = self.complete(session, service.run_summary(run))
+    for prepared in submitted:  # committed; if this send fails, the relay sends it
+        publish_prepared(prepared)
+    return result

@@ -30,6 +30,7 @@ from domain.errors import (
     NotAParticipant,
     OutOfOrder,
     XpAlreadyGiven,
+    character_rules_named,
 )
 
 
@@ -137,6 +138,15 @@ def award_scene(session: Session, scene_id: int, awards: Mapping[int, bool], *,
             characters=strangers,
         )
     winners = sorted(cid for cid, earned in awards.items() if earned)
+    # A winner with a legacy rule violation makes PostgreSQL refuse the credit: a domain
+    # error naming the character and the rule (D4), not an internal error retried in vain.
+    with character_rules_named():
+        _credit(session, scene_id, winners, job_id)
+    return AwardResult(scene_id, winners, rules.SCENE_AWARD_XP)
+
+
+def _credit(session: Session, scene_id: int, winners: list[int],
+            job_id: str | uuid.UUID | None) -> None:
     session.execute(text("""
         WITH locked AS (
             SELECT id FROM characters WHERE id = ANY(:ids) ORDER BY id FOR NO KEY UPDATE
@@ -151,7 +161,6 @@ def award_scene(session: Session, scene_id: int, awards: Mapping[int, bool], *,
         UPDATE scenes SET xp_given = true WHERE id = :scene
     """), {"ids": winners, "xp": rules.SCENE_AWARD_XP, "scene": scene_id,
            "job": _job(job_id)})
-    return AwardResult(scene_id, winners, rules.SCENE_AWARD_XP)
 
 
 def spend(session: Session, character_id: int, trait_name: str, trait_value: int, *,

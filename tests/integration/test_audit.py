@@ -116,6 +116,9 @@ def _j(value: Any) -> str:
 
 
 def _audit(**kwargs: Any) -> dict[str, Any]:
+    """A run as the service makes it; a fix says who and why, as an operator's must."""
+    if kwargs.get("fix"):
+        kwargs = {"actor": "cli:tester", "reason": "test fix", **kwargs}
     with session_scope() as s:
         return service.run_audit(s, **kwargs)
 
@@ -200,10 +203,11 @@ def test_fix_applies_exact_fixes_records_them_and_a_rerun_finds_nothing_to_fix(
     assert [c["entity_id"] for c in forced] == [ids["status"]]
     assert "forced status change" in (forced[0]["note"] or "")
     assert run["forced_status_changes"] == 1
-    # each finding says what the fix did; the scene flag has no automatic fix
+    # each finding says what the fix did; the scene flag has no automatic fix, the scene
+    # awaiting XP got its award queued
     outcomes = {(f["rule"], f["entity_id"]): f["outcome"] for f in _findings(run["id"])}
     assert outcomes.pop(("xp_given_unfinished", ids["given_unfinished"])) == "unfixable"
-    assert outcomes.pop(("scene_awaiting_xp", ids["awaiting"])) is None  # a report
+    assert outcomes.pop(("scene_awaiting_xp", ids["awaiting"])) == "award_submitted"
     assert set(outcomes.values()) == {"fixed"}
     assert (run["fixed"], run["remaining"], run["changed_rows"]) == (14, 1, 10)
     # when the audit runs again right after
@@ -236,8 +240,10 @@ def test_undo_restores_the_data_exactly_and_only_once(conn: psycopg.Connection[A
     # and the undo is recorded on the run and in the operator log
     stored = _audit_run(run["id"])
     assert stored["undone_by"] == "cli:tester" and stored["undo"]["reverted"] == 10
-    log = conn.execute("SELECT actor, action, target, count FROM operator_log").fetchall()
-    assert log == [("cli:tester", "audit.undo", f"audit_run:{run['id']}", 10)]
+    log = conn.execute("SELECT actor, action, target, count FROM operator_log "
+                       "ORDER BY id").fetchall()
+    assert log == [("cli:tester", "audit.fix", f"audit_run:{run['id']}", 10),
+                   ("cli:tester", "audit.undo", f"audit_run:{run['id']}", 10)]
     # and a second undo, or the undo of a check run, is refused
     with pytest.raises(service.AlreadyUndone), session_scope() as s:
         service.undo_fix(s, run["id"], actor="cli:tester", reason="again")
@@ -448,3 +454,96 @@ def test_without_a_current_violation_index_the_audit_reads_the_tables_and_finds_
     # then the audit reads the tables instead, and finds exactly the same
     assert scanned["totals"] == indexed["totals"]
     assert scanned["findings"] == indexed["findings"] == 15
+
+
+def _ledger_gaps(conn: psycopg.Connection[Any]) -> dict[int, tuple[int, int]]:
+    """Characters whose xp is not the sum of their XP ledger: id -> (xp, ledger sum)."""
+    return {int(r[0]): (int(r[1]), int(r[2])) for r in conn.execute(
+        "SELECT c.id, c.xp, coalesce(sum(l.delta), 0) FROM characters c "
+        "LEFT JOIN xp_ledger l ON l.character_id = c.id GROUP BY c.id, c.xp "
+        "HAVING c.xp <> coalesce(sum(l.delta), 0)").fetchall()}
+
+
+def test_the_negative_xp_fix_and_its_undo_each_write_their_ledger_row(
+        conn: psycopg.Connection[Any]) -> None:
+    # given characters whose xp equals their ledger sum, two of them below zero
+    with constraints_off(conn):
+        low = add_character(conn, xp=-5)
+        lower = add_character(conn, xp=-12, strength=12)
+        fine = add_character(conn, xp=4)
+    assert _ledger_gaps(conn) == {}
+    # when the audit fixes them
+    run = _audit(fix=True)
+    # then xp is 0 and still the sum of the ledger: one adjust row per changed xp, naming
+    # the run and the job's cause
+    assert {c: r["xp"] for c, r in character_rows(conn).items()} == {low: 0, lower: 0, fine: 4}
+    assert _ledger_gaps(conn) == {}
+    rows = conn.execute("SELECT character_id, delta, kind, reason FROM xp_ledger "
+                        "WHERE reason LIKE 'audit%%' ORDER BY id").fetchall()
+    assert rows == [(low, 5, "adjust", f"audit fix (run {run['id']}): xp_nonnegative"),
+                    (lower, 12, "adjust", f"audit fix (run {run['id']}): xp_nonnegative")]
+    # when the fix is undone
+    with session_scope() as s:
+        service.undo_fix(s, run["id"], actor="cli:tester", reason="test undo")
+    # then xp is back below zero, and the undo wrote the compensating rows
+    assert {c: r["xp"] for c, r in character_rows(conn).items()} == {
+        low: -5, lower: -12, fine: 4}
+    assert _ledger_gaps(conn) == {}
+    assert conn.execute("SELECT character_id, delta FROM xp_ledger WHERE reason = %s "
+                        "ORDER BY id", (f"undo of audit fix (run {run['id']}): xp_nonnegative",)
+                        ).fetchall() == [(low, -5), (lower, -12)]
+
+
+def test_a_fix_is_an_operator_action_with_a_reason_in_the_operator_log(
+        conn: psycopg.Connection[Any]) -> None:
+    # given a fixable violation
+    with constraints_off(conn):
+        broken = add_character(conn, strength=12)
+    # when a fix is asked for without a reason (or a blank one), it is refused, nothing done
+    for reason in (None, "  "):
+        with pytest.raises(service.ReasonRequired, match="reason"), session_scope() as s:
+            service.run_audit(s, fix=True, reason=reason)
+    assert character_rows(conn)[broken]["strength"] == 12
+    assert conn.execute("SELECT count(*) FROM audit_runs").fetchone() == (0,)
+    # when it has one: the fix is recorded with who and why, with the same transaction
+    run = _audit(fix=True, actor="ops:alice", reason="legacy strength after import")
+    log = conn.execute("SELECT actor, action, target, reason, count, details->>'fixed' "
+                       "FROM operator_log ORDER BY id").fetchall()
+    assert log == [("ops:alice", "audit.fix", f"audit_run:{run['id']}",
+                    "legacy strength after import", 1, "1")]
+    # and a check run is not an operator action: it logs nothing
+    _audit()
+    assert conn.execute("SELECT count(*) FROM operator_log").fetchone() == (1,)
+
+
+def test_the_scene_xp_fix_queues_each_missing_award_once(
+        conn: psycopg.Connection[Any]) -> None:
+    # given finished scenes awaiting XP (one with two participants), and a clean scene
+    a, b = add_character(conn), add_character(conn)
+    waiting = add_scene(conn, finished=True, xp_given=False)
+    empty = add_scene(conn, finished=True, xp_given=False)
+    add_scene(conn, finished=True, xp_given=True)
+    conn.execute("INSERT INTO scene_participants (scene_id, character_id) VALUES (%s, %s), "
+                 "(%s, %s)", (waiting, b, waiting, a))
+    # when the audit fixes
+    run = _audit(fix=True)
+    # then each scene awaiting XP got its award queued through the normal path: a job row
+    # of xp.award_scene, every participant named, under a key of the run
+    jobs = conn.execute("SELECT idempotency_key, params, status, source FROM job_runs "
+                        "WHERE type = 'xp.award_scene' ORDER BY idempotency_key").fetchall()
+    assert sorted(jobs) == sorted([
+        (service.award_key(run["id"], waiting),
+         {"scene_id": waiting, "awards": {str(a): True, str(b): True}}, "queued", "audit.fix"),
+        (service.award_key(run["id"], empty), {"scene_id": empty, "awards": {}}, "queued",
+         "audit.fix"),
+    ])
+    found = {f["entity_id"]: (f["outcome"], f["fixable"]) for f in _findings(run["id"])}
+    assert found == {waiting: ("award_submitted", True), empty: ("award_submitted", True)}
+    assert run["totals"]["scene_xp"]["award_submitted"] == 2
+    # when the audit fixes again while those awards are still queued
+    again = _audit(fix=True)
+    # then it queues nothing twice: the scenes' awards are on their way
+    assert conn.execute("SELECT count(*) FROM job_runs WHERE type = 'xp.award_scene'"
+                        ).fetchone() == (2,)
+    assert {f["entity_id"]: f["outcome"] for f in _findings(again["id"])} == {
+        waiting: "award_pending", empty: "award_pending"}

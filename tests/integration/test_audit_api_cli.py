@@ -12,10 +12,11 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Proc, Services, start_api, start_worker
+from tests.conftest import Proc, Services, start_api, start_worker, wait_for_status
 from tests.integration.test_audit_helpers import (
     Isolated,
     add_character,
+    add_scene,
     add_st,
     character_rows,
     constraints_off,
@@ -50,7 +51,8 @@ def api(services: Services, iso: Isolated) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def tokens(iso: Isolated) -> dict[str, str]:
     """Tokens in the isolated database (the API there checks against it)."""
-    return {"read": iso.token("read"), "enqueue": iso.token("enqueue", "read")}
+    return {"read": iso.token("read"), "enqueue": iso.token("enqueue", "read"),
+            "admin": iso.token("admin")}
 
 
 @pytest.fixture
@@ -85,7 +87,7 @@ def test_exit_codes_say_clean_findings_or_error(
     assert "findings=6 fixed=0 remaining=6" in checked.stdout
     assert "negative_xp" in checked.stdout and "findings=3" in checked.stdout
     # when it fixes them: nothing remains -> exit 0, with the undo command named
-    fixed = warden(iso, "audit", "--fix")
+    fixed = warden(iso, "audit", "--fix", "--reason", "test")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "fixed=6 remaining=0" in fixed.stdout
     run_id = int(fixed.stdout.split("warden audit undo ")[1].split()[0])
@@ -140,7 +142,7 @@ def test_the_api_pages_findings_by_cursor_and_filters_by_check(
         tokens: dict[str, str]) -> None:
     # given a fix run over six findings of two checks and a duplicate triple
     _fixable(conn)
-    run_id = json.loads(warden(iso, "audit", "--fix", "--json").stdout)["id"]
+    run_id = json.loads(warden(iso, "audit", "--fix", "--reason", "test", "--json").stdout)["id"]
     with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {tokens['read']}"}) as c:
         # when a client pages through them two at a time
         seen, cursor, pages = [], None, 0
@@ -192,3 +194,85 @@ def test_an_audit_job_submitted_over_the_api_is_stored(
         done = wait_for_status(job.json()["id"], {"succeeded", "failed", "dead"}, timeout=60)
     assert done["status"] == "succeeded", done
     assert done["result"]["findings"] == 1 and done["result"]["remaining"] == 1
+
+
+def test_a_fix_without_a_reason_is_refused_by_the_cli_and_the_api(
+        conn: psycopg.Connection[Any], iso: Isolated, node: Proc, api: str,
+        tokens: dict[str, str]) -> None:
+    # given fixable violations
+    _fixable(conn)
+    before = character_rows(conn)
+    fixes = ("SELECT count(*) FROM job_runs WHERE type = 'audit.integrity' "
+             "AND params->>'fix' = 'true'")
+    fix_jobs = conn.execute(fixes).fetchone()
+    # when an operator asks for a fix without saying why: one line, exit 2, nothing queued
+    for args in (("audit", "--fix"), ("audit", "--fix", "--reason", " "),
+                 ("audit", "--fix", "--inline")):
+        out = warden(iso, *args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert out.stderr.strip().splitlines() == [
+            "error: --fix is an operator action: give --reason WHY (recorded in the operator "
+            "log)"], args
+    # and over the API an audit.integrity job with fix=true and no reason is a 422 naming
+    # the field
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {tokens['admin']}"}) as c:
+        bad = c.post("/v1/jobs", json={"type": "audit.integrity", "params": {"fix": True}})
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["detail"][0]["loc"][:3] == ["body", "params", "reason"]
+        assert "reason" in bad.json()["detail"][0]["msg"]
+    assert character_rows(conn) == before
+    assert conn.execute(fixes).fetchone() == fix_jobs
+    # when the API's fix has a reason, the operator log names the token, not the client's
+    # word, and the reason
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {tokens['admin']}"}) as c:
+        job = c.post("/v1/jobs", json={"type": "audit.integrity", "params": {
+            "fix": True, "reason": "nightly findings reviewed", "actor": "someone-else"}})
+        assert job.status_code == 202, job.text
+        done = wait_for_status(job.json()["id"], {"succeeded", "failed", "dead"}, timeout=60)
+    assert done["status"] == "succeeded", done
+    token_name = conn.execute("SELECT name FROM api_tokens WHERE name LIKE 't-admin-%'"
+                              ).fetchone()
+    log = conn.execute("SELECT actor, action, reason, count FROM operator_log").fetchall()
+    assert log == [(token_name[0] if token_name else None, "audit.fix",
+                    "nightly findings reviewed", 6)]
+
+
+def test_an_award_blocked_by_a_legacy_violation_names_it_and_the_fix_gives_it(
+        conn: psycopg.Connection[Any], iso: Isolated, node: Proc) -> None:
+    # given a finished scene awaiting XP; one participant has a legacy rule violation
+    with constraints_off(conn):
+        legacy = add_character(conn, dexterity=0)
+    clean = add_character(conn, xp=2)
+    scene = add_scene(conn, finished=True, xp_given=False)
+    conn.execute("INSERT INTO scene_participants (scene_id, character_id) VALUES (%s, %s), "
+                 "(%s, %s)", (scene, legacy, scene, clean))
+    # when a storyteller awards the scene
+    out = warden(iso, "enqueue", "xp.award_scene", "-p", f"scene_id={scene}", "-p",
+                 f'awards={{"{legacy}": true, "{clean}": true}}', "--wait", "--timeout", "60")
+    # then the job fails once, cleanly, with a domain code naming the character, the rule
+    # and what to do; it is not retried and nothing was given
+    assert out.returncode == 1, out.stdout + out.stderr
+    job = json.loads(out.stdout)
+    row = conn.execute("SELECT status, error_code, error_message, attempts FROM job_runs "
+                       "WHERE id = %s", (job["id"],)).fetchone()
+    assert row is not None
+    assert row[:2] == ("failed", "character_rule_violation"), row
+    assert f"character {legacy} breaks rule dexterity_range" in row[2], row[2]
+    assert "warden audit --fix" in row[2], row[2]
+    assert row[3] == 1
+    assert {r["xp"] for r in character_rows(conn).values()} == {0, 2}
+    # when the operator runs the fix: it fixes the character and queues the scene's award
+    fixed = warden(iso, "audit", "--fix", "--reason", "D4: legacy dexterity")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "award_submitted=1" in fixed.stdout
+    award = conn.execute("SELECT id FROM job_runs WHERE type = 'xp.award_scene' "
+                         "AND source = 'audit.fix'").fetchone()
+    assert award is not None
+    done = wait_for_status(str(award[0]), {"succeeded", "failed", "dead"}, timeout=60)
+    assert done["status"] == "succeeded", done
+    # then both got the scene's XP, and the audit finds nothing left, not even a report
+    rows = character_rows(conn)
+    assert (rows[legacy]["dexterity"], rows[legacy]["xp"], rows[clean]["xp"]) == (1, 1, 3)
+    again = warden(iso, "audit")
+    assert again.returncode == 0, again.stdout
+    assert "findings=0" in again.stdout and "reports=" not in again.stdout

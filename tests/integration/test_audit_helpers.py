@@ -158,3 +158,5 @@ def wipe(conn: psycopg.Connection[Any]) -> None:
     conn.execute("TRUNCATE characters, scenes, st_relationships, xp_ledger, xp_spend_requests, "
                  "weekly_xp_requests, scene_participants, audit_runs, audit_findings, "
                  "validation_sweeps, health_reports, operator_log RESTART IDENTITY CASCADE")
+    # the scene awards a fix queued (scene ids restart: an old one would look pending)
+    conn.execute("DELETE FROM job_runs WHERE type = 'xp.award_scene'")

@@ -123,7 +123,7 @@ def test_inline_audit_and_fix_change_only_the_database_named(twins: Twins) -> No
     assert summary.startswith("findings=") and not summary.startswith("findings=0 "), summary
     assert "negative_xp" in checked.stdout
     # when it fixes inline
-    fixed = twins.warden("audit", "--fix", "--inline")
+    fixed = twins.warden("audit", "--fix", "--inline", "--reason", "drill")
     assert fixed.returncode in (0, 1), fixed.stdout + fixed.stderr
     assert "(fix, rules " in fixed.stdout
     run_id = int(fixed.stdout.split("warden audit undo ")[1].split()[0])
@@ -181,6 +181,13 @@ def test_an_inline_audit_waits_for_the_audit_job_running_on_its_database(
 
 
 def test_inline_validate_sweeps_in_chunks_here(twins: Twins) -> None:
+    # given a broken character in the aimed-at database (the inline fix above repaired the
+    # seeded ones, their xp ledger included)
+    from tests.integration.test_audit_helpers import constraints_off
+
+    with psycopg.connect(twins.aimed, autocommit=True) as conn, constraints_off(conn):
+        conn.execute("UPDATE characters SET strength = 12 "
+                     "WHERE id = (SELECT min(id) FROM characters)")
     other_before = _content(twins.other)
     # when a full sweep runs inline (60 characters, chunks of 20: a worker would fan out)
     full = twins.warden("validate", "--inline")

@@ -87,7 +87,8 @@ def test_an_audit_that_fixes_needs_admin_and_one_that_checks_does_not(
     fix = client.post("/v1/jobs", json={"type": "audit.integrity", "params": {"fix": True},
                                         **later})
     by_admin = httpx.post(f"{api}/v1/jobs", headers=_auth(tokens["admin"]),
-                          json={"type": "audit.integrity", "params": {"fix": True}, **later})
+                          json={"type": "audit.integrity",
+                                "params": {"fix": True, "reason": "scope test"}, **later})
     prune = httpx.post(f"{api}/v1/jobs", headers=_auth(tokens["admin"]),
                        json={"type": "backup.prune", "params": {"keep_daily": 0}, **later})
     try:

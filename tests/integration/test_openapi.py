@@ -62,7 +62,8 @@ def _seed(services: Services, env: dict[str, str], tmp: Path) -> None:
     worker = start_worker(services, "openapi-seed", env=env)
     try:
         for args in (["seed", "--characters", "60", "--violations", "0.1"],
-                     ["audit", "--fix", "--timeout", "120"], ["audit", "--timeout", "120"],
+                     ["audit", "--fix", "--reason", "openapi seed", "--timeout", "120"],
+                     ["audit", "--timeout", "120"],
                      ["report", "--timeout", "120"], ["validate", "--timeout", "120"],
                      ["backup", "create", "--wait", "--no-verify", "--timeout", "120"]):
             done = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT,
