@@ -204,10 +204,11 @@ def spend(session: Session, character_id: int, trait_name: str, trait_value: int
              "trait_value, cost) VALUES (:c, :t, :k, :v, :cost) RETURNING id"),
         {"c": character_id, "t": trait_name, "k": kind, "v": trait_value, "cost": cost},
     ).scalar_one())
-    xp_left = int(session.execute(
-        text("UPDATE characters SET xp = xp - :cost WHERE id = :id RETURNING xp"),
-        {"cost": cost, "id": character_id},
-    ).scalar_one())
+    with character_rules_named():
+        xp_left = int(session.execute(
+            text("UPDATE characters SET xp = xp - :cost WHERE id = :id RETURNING xp"),
+            {"cost": cost, "id": character_id},
+        ).scalar_one())
     _ledger(session, [{"character_id": character_id, "delta": -cost, "kind": "spend",
                        "reason": f"{trait_name} {trait_value}",
                        "spend_request_id": request_id, "job_id": _job(job_id)}])
@@ -253,10 +254,11 @@ def approve_spend(session: Session, request_id: int, decided_by: int, *,
         value = int(request.trait_value)
         if not rules.approvable(current, value):
             raise OutOfOrder(_out_of_order(session, request, current))
-        session.execute(
-            text(f"UPDATE characters SET {column} = :v WHERE id = :id"),
-            {"v": value, "id": request.character_id},
-        )
+        with character_rules_named():
+            session.execute(
+                text(f"UPDATE characters SET {column} = :v WHERE id = :id"),
+                {"v": value, "id": request.character_id},
+            )
     session.execute(
         text("UPDATE xp_spend_requests SET state = :state, decided_at = now(), "
              "decided_by = :by WHERE id = :id"),
@@ -310,10 +312,11 @@ def deny_spend(session: Session, request_id: int, decided_by: int, *,
         {"state": rules.SPEND_DENIED, "by": decided_by, "ids": ids},
     )
     cost = int(request.cost) + sum(c for _, _, c in also)
-    xp = int(session.execute(
-        text("UPDATE characters SET xp = xp + :cost WHERE id = :id RETURNING xp"),
-        {"cost": cost, "id": request.character_id},
-    ).scalar_one())
+    with character_rules_named():
+        xp = int(session.execute(
+            text("UPDATE characters SET xp = xp + :cost WHERE id = :id RETURNING xp"),
+            {"cost": cost, "id": request.character_id},
+        ).scalar_one())
     character, job = int(request.character_id), _job(job_id)
     _ledger(session, [
         {"character_id": character, "delta": int(request.cost), "kind": "refund",
@@ -366,10 +369,11 @@ def approve_weekly(session: Session, request_id: int, approved_by: int, *,
              "approved_by = :by WHERE id = :id"),
         {"by": approved_by, "id": request_id},
     )
-    xp = int(session.execute(
-        text("UPDATE characters SET xp = xp + :n WHERE id = :id RETURNING xp"),
-        {"n": earned, "id": owner},
-    ).scalar_one())
+    with character_rules_named():
+        xp = int(session.execute(
+            text("UPDATE characters SET xp = xp + :n WHERE id = :id RETURNING xp"),
+            {"n": earned, "id": owner},
+        ).scalar_one())
     _ledger(session, [{"character_id": int(owner), "delta": earned, "kind": "award",
                        "reason": "weekly XP: " + ", ".join(claimed),
                        "weekly_request_id": request_id, "job_id": _job(job_id)}])

@@ -12,6 +12,7 @@ import pytest
 from domain import rules
 from domain.errors import (
     AlreadyProcessed,
+    CharacterRuleViolation,
     InsufficientXp,
     InvalidRequest,
     NotAParticipant,
@@ -19,6 +20,7 @@ from domain.errors import (
     XpAlreadyGiven,
 )
 from tasks.xp import service
+from tests.integration.test_audit_helpers import constraints_off
 from workers.db import session_scope
 
 
@@ -295,3 +297,26 @@ def test_costs_in_sql_match_the_rules(db: psycopg.Connection) -> None:
                          (kind, value)).fetchone()
         assert got == (cost,), (kind, value)
         assert rules.value_for_cost(kind, cost) == value
+
+
+def test_every_flow_on_a_legacy_rule_breaker_fails_cleanly_naming_it(
+        db: psycopg.Connection) -> None:
+    # given a character with a pending spend, then found to break a rule its row predates
+    # (dexterity 0: the NOT VALID constraint refuses any update of the row)
+    cid = _character(db, 20)
+    spent = _run(service.spend, cid, "brawl", 1)
+    with constraints_off(db):
+        db.execute("UPDATE characters SET dexterity = 0 WHERE id = %s", (cid,))
+    before = (_xp(db, cid), _states(db, spent.request_id))
+    # when any XP flow touches it: spend, approve, deny
+    for flow, args in ((service.spend, (cid, "strength", 2)),
+                       (service.approve_spend, (spent.request_id, 9)),
+                       (service.deny_spend, (spent.request_id, 9))):
+        # then a domain error (not retried) names the character, the rule and the fix
+        with pytest.raises(CharacterRuleViolation) as err:
+            _run(flow, *args)
+        assert err.value.code == "character_rule_violation"
+        assert f"character {cid} breaks rule dexterity_range" in str(err.value)
+        assert "warden audit --fix" in str(err.value)
+        # and nothing changed
+        assert (_xp(db, cid), _states(db, spent.request_id)) == before
