@@ -169,20 +169,18 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     async def enqueue(
         body: JobIn,
         who: Annotated[Principal, Depends(require("enqueue"))],
-        idempotency_key: Annotated[str | None, Header(pattern=KEY_PATTERN)] = None,
+        idempotency_key: Annotated[str | None, Header(
+            pattern=KEY_PATTERN,
+            description="the job's idempotency key; when the body has `idempotency_key` "
+                        "too, this header wins (the body's is ignored)")] = None,
     ) -> Any:
         """Accept a job: 202 with the new job, or 200 with the job an earlier request made.
         The job type may need more than `enqueue` (GET /v1/job-types): 403 naming it."""
         # async, with no thread-pool hop: the insert runs on an async connection and the
         # publish on the loop (bench/: a hop cost more CPU than the insert).
-        key = body.idempotency_key
-        if idempotency_key is not None:
-            if key is not None and key != idempotency_key:
-                return _unprocessable([{
-                    "loc": ["header", "Idempotency-Key"], "type": "value_error",
-                    "msg": "differs from body.idempotency_key; send one or make them equal",
-                }])
-            key = idempotency_key
+        # One documented precedence, so that every request the document admits is served
+        # (a 422 for a header differing from the body could not be stated in OpenAPI).
+        key = idempotency_key if idempotency_key is not None else body.idempotency_key
         # The type's scope first (a refusal needs no valid params), then again on the
         # validated params (defaults count); who asked is the token, never a param.
         _authorize(who, body.type, body.params)
