@@ -117,11 +117,17 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     # -- errors: a client never gets a 500 for what it sent ------------------------------------
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail: list[dict[str, Any]] = []
+        for e in exc.errors():
+            loc = list(e.get("loc", ()))
+            if loc == ["body"] and e.get("type") == "missing":
+                # No body at all: name the fields it needs (a retry without a body said only
+                # "Field required" at ["body"], never `reason`: drill D7).
+                detail += _missing_body_fields(request)
+                if detail:
+                    continue
+            detail.append({"loc": loc, "msg": e.get("msg", ""), "type": e.get("type", "")})
         return _unprocessable(detail)
 
     @app.exception_handler(StarletteHTTPException)
@@ -341,6 +347,15 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
     app.add_middleware(BodyLimit)
     contract.install(app)  # after every router: it documents the routes it finds
     return app
+
+
+def _missing_body_fields(request: Request) -> list[dict[str, Any]]:
+    """One "Field required" per required field of the route's body model."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", None) or {}
+    return [{"loc": ["body", name], "msg": "Field required (send a JSON body)",
+             "type": "missing"} for name, f in fields.items() if f.is_required()]
 
 
 def _job_links(pointer: str) -> dict[str, tuple[str, str, dict[str, str]]]:
