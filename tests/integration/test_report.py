@@ -233,3 +233,30 @@ def test_scenes_awaiting_xp_are_what_the_audit_counts_whenever_played(
     assert report["checks"]["scene_xp_awards"]["awaiting"] == audited
     # while the period's own figures stay the period's
     assert report["checks"]["scene_xp_awards"]["finished"] == 2
+
+
+def test_the_cli_text_says_which_requests_and_decisions_it_counts(
+        iso: Isolated, conn: psycopg.Connection[Any]) -> None:
+    """Drill D5: "requests={'Denied': 0 ...} decisions=14 approval_rate=85.7%" read as a
+    contradiction: the decisions were made in the period on requests created before it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    # given 3 requests created 3 days ago and decided an hour ago, and one created today
+    cid = add_character(conn)
+    for state in ("Approved", "Approved", "Denied"):
+        conn.execute("INSERT INTO xp_spend_requests (character_id, trait_name, trait_type, "
+                     "trait_value, cost, state, created_at, decided_at) VALUES (%s, 'brawl', "
+                     "'ability', 2, 2, %s, now() - interval '3 days', now() - interval "
+                     "'1 hour')", (cid, state))
+    _decisions(conn, cid, approved=0, denied=0, pending=1)
+    # when the report is printed
+    out = subprocess.run([sys.executable, "-m", "cli.main", "report", "--inline"], cwd=ROOT,
+                         env=iso.env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode in (0, 1), out.stderr
+    line = next(x for x in out.stdout.splitlines() if "xp_activity" in x)
+    # then it names both populations, and they add up as read
+    assert "requests created in the period: Approved=0 Denied=0 Pending=1" in line, line
+    assert "decided in the period: 3 (approved 2, denied 1), approval_rate=66.7%" in line, line
