@@ -327,13 +327,15 @@ def test_displays_do_not_contradict_the_state(app: Any, tokens: dict[str, str]) 
     from workers import operator
     from workers.db import session_scope
 
-    # given a paused migration part-way, and a succeeded one whose first attempt failed
+    # given a paused migration part-way (its run's job ended succeeded when the pause
+    # stopped it), and a succeeded one whose first attempt failed
+    run_job = _submit(status="succeeded")
     with session_scope() as s:
         for name in (spent_xp.NAME, opening_balances.NAME):
             service.state(s, name)
         s.execute(text("UPDATE data_migrations SET status = 'paused', rows_done = 10, "
-                       "rows_total = 100, seconds_running = 5 WHERE name = :n"),
-                  {"n": spent_xp.NAME})
+                       "rows_total = 100, seconds_running = 5, job_id = :j WHERE name = :n"),
+                  {"n": spent_xp.NAME, "j": run_job})
         s.execute(text("UPDATE data_migrations SET status = 'succeeded', rows_done = 100, "
                        "rows_total = 100, seconds_running = 5, attempts = 2, "
                        "last_error = 'verify: 1 rows still to migrate', "
@@ -358,6 +360,9 @@ def test_displays_do_not_contradict_the_state(app: Any, tokens: dict[str, str]) 
             "</section>", 1)[0]
         # and the page neither
         assert "ETA" not in paused, paused
+        # and the run's green "succeeded" next to "paused" (Flower: SUCCESS) is explained
+        assert "last run's job" in paused and "Flower, which shows Celery's view" \
+            in paused, paused
         assert "Last error" not in done and "flash bad" not in done, done
         # and the retried job's page shows the last run as the previous one, not current
         html = client.get(f"/ui/jobs/{job}").text
