@@ -45,7 +45,10 @@ class JobIn(BaseModel):
 
     type: str = Field(..., min_length=1, max_length=100, examples=["platform.ping"])
     params: dict[str, Any] = Field(default_factory=dict, examples=[{"echo": "hello"}])
-    idempotency_key: str | None = Field(None, pattern=KEY_PATTERN)
+    idempotency_key: str | None = Field(
+        None, pattern=KEY_PATTERN,
+        description="the same key again returns the first job; the `Idempotency-Key` "
+                    "header, when sent, takes precedence over this field")
     # strict: a number, not a numeric string or a boolean (the document says number)
     countdown: float | None = Field(None, ge=0, le=MAX_COUNTDOWN, strict=True,
                                     description="seconds to wait")

@@ -268,8 +268,22 @@ def job_types_command(as_json: bool) -> None:
                    f"{first}".rstrip())
 
 
+def _job_status(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """A job status or nothing: a typo must not list no jobs and exit 0 (drill D9). The
+    statuses are looked up only when one is given (workers.models imports SQLAlchemy)."""
+    if value is None:
+        return None
+    from workers.models import JOB_STATUSES
+
+    if value not in JOB_STATUSES:
+        raise click.BadParameter(f"{value!r} is not a job status; one of: "
+                                 + ", ".join(JOB_STATUSES))
+    return value
+
+
 @cli.command()
-@click.option("--status", default=None)
+@click.option("--status", default=None, callback=_job_status,
+              help="queued, running, retrying, waiting, succeeded, failed, dead, cancelled")
 @click.option("--type", "job_type", default=None)
 @click.option("--parent", "parent", default=None, help="only the children of this job")
 @click.option("--limit", default=20, show_default=True)
@@ -299,7 +313,9 @@ def job(job_id: str) -> None:
     click.echo(out)
     waiting = json.loads(out).get("waiting_on") or {}
     if waiting:  # the human answer to "why is it not running?", on stderr
-        click.echo(f"{waiting.get('reason')}: {waiting.get('message')}", err=True)
+        # the message says it in full ("countdown: may run from ...", "failed: code: ..."):
+        # prefixing the reason doubled it (drill D12)
+        click.echo(waiting.get("message"), err=True)
 
 
 def _job_uuid(raw: str) -> str:

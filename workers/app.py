@@ -46,6 +46,25 @@ SUPPORTED_POOLS = ("prefork",)
 
 
 @signals.worker_init.connect
+def _mark_soft_shutdown(sender: Any = None, **_: Any) -> None:
+    """From the start of a cold shutdown's soft wait (Ctrl-C of `warden up`, SIGQUIT), a job
+    this worker terminates was stopped by the shutdown, and gives its attempt back
+    (jobs.SHUTTING_DOWN). Celery sends `worker_shutting_down` only after it has cancelled
+    the running jobs, too late for them to know, so the worker's own wait is wrapped."""
+    from workers import jobs
+
+    wait = getattr(sender, "wait_for_soft_shutdown", None)
+    if wait is None:
+        return
+
+    def marked() -> None:
+        jobs.SHUTTING_DOWN.value = 1
+        wait()
+
+    sender.wait_for_soft_shutdown = marked
+
+
+@signals.worker_init.connect
 def _check_pool(sender: Any = None, **_: Any) -> None:
     """Only prefork enforces time limits and gives each job its own process (the owner
     token names a process): threads/solo/gevent pools are refused with a clear message."""

@@ -16,6 +16,7 @@ sends the delayed message, and the relay sends it when due if the worker could n
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import socket
@@ -42,6 +43,11 @@ from workers.runs import Run, heartbeat
 from workers.settings import get_settings
 
 log = structlog.get_logger("warden.jobs")
+
+# Set to 1 by the worker's main process when its shutdown begins (workers/app.py); created
+# at import, before the pool forks, so every pool process shares it. A job the shutdown
+# then terminates (SystemExit in the pool process) knows it was stopped, not broken.
+SHUTTING_DOWN: Any = multiprocessing.Value("b", 0, lock=False)
 
 TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     TransientError,
@@ -285,6 +291,13 @@ class JobTask(Task):
         finally:
             heartbeat.discard(run)
 
+    def _give_back(self, run: Run) -> None:
+        try:
+            given = jobstore.give_back(run.job_id, run.epoch)
+            log.warning("job.given_back_on_shutdown", given_back=given, attempt=run.attempts)
+        except BaseException as err:  # the process is exiting: never mask that
+            log.warning("job.give_back_failed", error=describe(err))
+
     def _later(self, job_id: str, raw: Any, delay: float, *, defer: bool,
                exc: BaseException | None = None, requeue_if_unsent: bool = False) -> NoReturn:
         """Deliver this job again in `delay` s: the row says so first (so the relay sends it
@@ -325,7 +338,11 @@ class JobTask(Task):
                 log.warning("job.error_after_complete", error=describe(exc))
                 raise Ignore() from None
             if not isinstance(exc, Exception):
-                raise  # SystemExit, KeyboardInterrupt: the worker is going away
+                # SystemExit, KeyboardInterrupt: the worker is going away. Stopped by its
+                # shutdown, the run gives its attempt back (a crash still spends it).
+                if isinstance(exc, SystemExit) and SHUTTING_DOWN.value:
+                    self._give_back(run)
+                raise
             self._failed(run, raw, exc)
             raise
         if run.completed:

@@ -503,6 +503,24 @@ def fail_unknown_type(job_id: str, job_type: str, worker: str) -> str:
     return with_retry(once, "unknown-type")
 
 
+def give_back(job_id: str, epoch: int) -> bool:
+    """A run its worker's shutdown terminated (Ctrl-C, a cold stop after the soft shutdown's
+    10 s): the job goes back to `queued` with the attempt it spent refunded, and a new epoch
+    fences anything the stopped run might still try. Its message is requeued by Celery
+    (reject on worker lost); the relay sends it again if that copy is lost. A shutdown is the
+    operator's doing, not the job's: it must not bring a job closer to `dead` (drill D11)."""
+    def once() -> bool:
+        with autocommit() as conn:
+            return conn.execute(
+                text("UPDATE job_runs SET status='queued', attempts=GREATEST(attempts - 1, 0), "
+                     "epoch=epoch + 1, owner=NULL, lease_expires_at=NULL, delivered_at=NULL, "
+                     "next_attempt_at=NULL WHERE id=:id AND epoch=:e AND status='running'"),
+                {"id": _uuid(job_id), "e": epoch},
+            ).rowcount == 1
+
+    return with_retry(once, "give_back")
+
+
 def record_revoked(job_id: str, *, terminated: bool) -> bool:
     """Celery revoked the job (Flower, `celery control revoke`): a job not started is
     cancelled. A run that was terminated is failed (an operator may retry it) once its

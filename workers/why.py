@@ -19,7 +19,7 @@ from workers.db import session_scope
 from workers.settings import get_settings
 
 REASONS = ("done", "failed", "dead", "cancelled", "running", "children", "countdown",
-           "backoff", "singleton", "outbox", "no_worker", "queue")
+           "backoff", "singleton", "deferred", "outbox", "no_worker", "queue")
 
 
 class _Consumers(enum.Enum):
@@ -96,6 +96,15 @@ def explain(row: Mapping[str, Any], *, singleton: bool = False, queue: str | Non
             return {"reason": "singleton", "holder": str(holder),
                     "message": f"singleton: job {holder} of the type runs; this one runs after "
                                "it (no attempt spent waiting)"}
+        if status == "queued" and next_at and next_at > now:
+            # A worker took it and put it back for later without spending an attempt
+            # (jobstore.defer): its delayed message is not in the queue's count, so "0 jobs
+            # ahead, 1 worker consuming" would read as a stuck worker (drill D6).
+            why = ("another job of the type was running when a worker took it (singleton)"
+                   if singleton else "a worker put it back (no worker of this deploy knows "
+                   "its type yet)")
+            return {"reason": "deferred", "until": _iso(next_at),
+                    "message": f"deferred until {_iso(next_at)}: {why}; no attempt spent"}
         if status == "retrying" and next_at and next_at > now:
             return {"reason": "backoff", "until": _iso(next_at), "error_code": code,
                     "message": f"backoff until {_iso(next_at)} after attempt {row['attempts']} "

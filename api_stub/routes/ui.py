@@ -119,8 +119,11 @@ class UIRoute(APIRoute):
             except _Redirect as r:
                 response = RedirectResponse(r.location, status_code=303)
             except _Refused as r:
-                response = _render(request, "error.html", None, http_status=r.status,
-                                   title=f"{r.status}", message=r.message)
+                # A logged-in operator keeps the navigation (and is not offered "Log in"):
+                # the 404 page had neither (drill D12).
+                response = _render(request, "error.html", _quiet_viewer(request),
+                                   http_status=r.status, title=f"{r.status}",
+                                   message=r.message)
             for name, value in (("Content-Security-Policy", CSP),
                                 ("X-Content-Type-Options", "nosniff"),
                                 ("Referrer-Policy", "no-referrer"),
@@ -220,6 +223,15 @@ def _viewer(request: Request) -> Viewer | None:
     cache: TokenCache = request.app.state.token_cache
     principal = cache.lookup(token)  # memory first; a query at most every cache ttl
     return Viewer(principal, csrf_value(token, nonce)) if principal is not None else None
+
+
+def _quiet_viewer(request: Request) -> Viewer | None:
+    """The session's viewer for an error page, or None; never an error of its own."""
+    try:
+        viewer = _viewer(request)
+    except Exception:  # the token store unreachable: the page still answers, without nav
+        return None
+    return viewer if viewer is not None and viewer.principal.allows("read") else None
 
 
 def _here(request: Request) -> str:
@@ -785,3 +797,13 @@ def backups_page(request: Request, viewer: Reader, before: str = "",
                    more=more, pruned=bool(pruned),
                    rto=get_settings().backup_rto_objective)
 
+
+
+# -- anything else under /ui -----------------------------------------------------------------
+
+# Last, so every page above matches first: an unknown /ui path is the page's own 404 (with
+# the navigation when logged in), not the API's raw {"detail": "Not Found"} (drill D12).
+@router.get("/{rest:path}")
+def not_found(rest: str) -> Response:
+    """No such page."""
+    raise _Refused(404, f"no page /ui/{rest}")

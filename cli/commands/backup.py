@@ -44,6 +44,20 @@ def _actor() -> str:
         return "cli:unknown"
 
 
+# A plain PostgreSQL identifier: what an operator would type for a copy. Anything else
+# ('bad name;drop') is quoted safely, but is much more likely a slip than a wish (drill D9).
+_DB_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,62}"
+
+
+def _database_name(value: str) -> str:
+    import re
+
+    if not re.fullmatch(_DB_NAME, value):
+        raise click.BadParameter(f"{value!r} is not a plain database name (letters, digits and "
+                                 "_, at most 63, not starting with a digit)")
+    return value
+
+
 def _submit_and_maybe_wait(job_type: str, params: dict[str, Any], wait: bool, timeout: float,
                            key: str | None = None) -> None:
     from workers import jobstore
@@ -132,6 +146,13 @@ def create_cmd(no_verify: bool, wait: bool, timeout: float) -> None:
 @click.option("--timeout", default=3600.0, show_default=True, help="seconds --wait waits")
 def verify_cmd(backup_id: int, wait: bool, timeout: float) -> None:
     """Submit a backup.verify job: restore the backup into a scratch database and check it."""
+    from tasks.backups import service
+    from workers.db import session_scope
+
+    # Refused here, not by a job that fails `backup_not_found` and stays in the failed list.
+    with session_scope() as s:
+        if service.get_backup(s, backup_id) is None:
+            _fail(f"no backup {backup_id} (`warden backup list` shows them); nothing submitted")
     _submit_and_maybe_wait("backup.verify", {"backup_id": backup_id}, wait, timeout)
 
 
@@ -181,7 +202,9 @@ def adopt_cmd() -> None:
 
 @click.command()
 @click.argument("backup_id", type=click.IntRange(1))
-@click.option("--target-db", required=True, help="database to restore into (created if absent)")
+@click.option("--target-db", required=True, callback=lambda _c, _p, v: _database_name(v),
+              help="database to restore into (created if absent): letters, digits and _, "
+                   "at most 63, not starting with a digit")
 @click.option("--force", count=True,
               help="restore over a non-empty database; twice for the live application database")
 @click.option("--reason", default=None, help="recorded in the operator log")

@@ -37,10 +37,16 @@ def _print(stored: dict[str, Any]) -> None:
     click.echo(f"  data_integrity   findings={integrity['findings']} "
                f"penalty={integrity['penalty']}")
     rate = "n/a" if xp["approval_rate"] is None else f"{xp['approval_rate']:.1%}"
-    click.echo(f"  xp_activity      requests={xp['requests']} decisions={xp['decisions']} "
-               f"approval_rate={rate} penalty={xp['penalty']}")
-    click.echo(f"  scene_xp_awards  finished={scenes['finished']} awarded={scenes['awarded']} "
-               f"awaiting={scenes['awaiting']} penalty={scenes['penalty']}")
+    # Two populations, said as such: requests *created* in the period by their state now,
+    # and the decisions *made* in it. "requests={'Denied': 0} decisions=14" read as a
+    # contradiction (drill D5): those 14 were requests created before the period.
+    created = " ".join(f"{k}={v}" for k, v in sorted(xp["requests"].items()))
+    click.echo(f"  xp_activity      requests created in the period: {created}; decided in "
+               f"the period: {xp['decisions']} (approved {xp['approved']}, denied "
+               f"{xp['denied']}), approval_rate={rate} penalty={xp['penalty']}")
+    click.echo(f"  scene_xp_awards  played in the period: finished={scenes['finished']} "
+               f"awarded={scenes['awarded']}; awaiting XP (played any time)="
+               f"{scenes['awaiting']} penalty={scenes['penalty']}")
     click.echo(f"  character_stats  total={stats['total']} by_status={stats['by_status']} "
                f"average_xp={stats['average_xp']}")
     if stored["alert_state"] not in ("none",):

@@ -19,6 +19,7 @@ from cli.commands.audit import (
     EXIT_FINDINGS,
     dump,
     errors_exit_2,
+    fail,
     inline_option,
     run_job,
     to_stderr,
@@ -56,6 +57,8 @@ def validate(incremental: bool, characters: tuple[int, ...], as_json: bool,
     if characters:
         params["character_ids"] = list(characters)
     with errors_exit_2():
+        if characters:
+            _refuse_unknown_characters(characters)
         if inline:
             from tasks.validation.schemas import Characters
 
@@ -72,6 +75,21 @@ def validate(incremental: bool, characters: tuple[int, ...], as_json: bool,
                    f"issues={totals['issues']} opened={totals['opened']} "
                    f"resolved={totals['resolved']} open_now={totals['open_issues']}")
     sys.exit(EXIT_FINDINGS if totals["issues"].get("error") else EXIT_CLEAN)
+
+
+def _refuse_unknown_characters(ids: tuple[int, ...]) -> None:
+    """`--character` names characters that exist, or nothing is submitted: a sweep of none
+    would exit 0 ("candidates=0") and look like a clean character (drill D9)."""
+    from sqlalchemy import select
+
+    from domain.models import Character
+    from workers.db import session_scope
+
+    with session_scope() as s:
+        found = set(s.scalars(select(Character.id).where(Character.id.in_(ids))))
+    missing = sorted(set(ids) - found)
+    if missing:
+        fail(f"no character {', '.join(map(str, missing))}; nothing validated", 2)
 
 
 def _validate_inline(params: Characters) -> dict[str, Any]:

@@ -124,6 +124,10 @@ def _job_row(session: Session, job_id: Any) -> RowMapping | None:
     ).mappings().first()
 
 
+# The states in which a pass moves towards its end, so an ETA means something.
+ETA_STATUSES = ("queued", "running")
+
+
 def _effective_status(row: RowMapping, job: RowMapping | None) -> str:
     """A run whose job ended without recording the migration's outcome (dead after
     transient errors, killed by the time limit) leaves the state `running`: it has failed."""
@@ -177,13 +181,16 @@ def summary(session: Session, name: str) -> dict[str, Any]:
         "batch_size": row["batch_size"],
         "attempts": row["attempts"],
         "max_attempts": row["max_attempts"],
-        "last_error": last_error,
-        "last_error_at": row["last_error_at"],
+        # A succeeded pass has no current error: one from an earlier attempt shown beside
+        # "succeeded" read as a failure (drill D5); the batches keep their own errors.
+        "last_error": None if status == "succeeded" else last_error,
+        "last_error_at": None if status == "succeeded" else row["last_error_at"],
         "seconds_running": round(float(row["seconds_running"]), 3),
         "seconds_paused": round(float(row["seconds_paused"]), 3),
         "seconds_throttled": round(float(row["seconds_throttled"]), 3),
         "rows_per_second": round(rate, 1) if rate is not None else None,
-        "eta_seconds": round(eta, 1) if eta is not None else None,
+        # Only a pass that is moving has an ETA (paused, cancelled, failed: none, drill D5).
+        "eta_seconds": round(eta, 1) if eta is not None and status in ETA_STATUSES else None,
         "longest_batch_seconds": round(float(row["longest_batch_seconds"]), 4),
         "verify_remaining": row["verify_remaining"],
         "job_id": str(row["job_id"]) if row["job_id"] else None,

@@ -8,11 +8,12 @@ Over a period of P hours ending now (the database's clock):
   (decided_at in the period); approval rate = approved / decisions, penalty 10 below 80%,
   none when there was no decision;
 - scene_xp_awards: scenes played in the period (date_played from the period's first day):
-  finished, awarded (finished with xp_given), awaiting (finished, not given); penalty 10
+  finished, awarded (finished with xp_given); awaiting: every finished scene not given its
+  XP, whenever played (a state, as the audit's scene_xp reports count it); penalty 10
   above 10 awaiting;
 - character_stats: characters by status and their average XP (a state, not an activity).
 The seed's monitor applied its period to some figures only; here every activity figure
-has it. The numbers are domain.rules.HEALTH_*.
+has it, and no state does. The numbers are domain.rules.HEALTH_*.
 """
 
 from __future__ import annotations
@@ -129,11 +130,19 @@ def _xp_activity(session: Session, start: datetime) -> dict[str, Any]:
 def _scenes(session: Session, start: datetime) -> dict[str, Any]:
     row = session.execute(text(
         "SELECT count(*) FILTER (WHERE finished) AS finished, "
-        "count(*) FILTER (WHERE finished AND xp_given) AS awarded, "
-        f"count(*) FILTER (WHERE {rules.SCENE_AWAITING_XP}) AS awaiting "
+        "count(*) FILTER (WHERE finished AND xp_given) AS awarded "
         "FROM scenes WHERE date_played >= CAST(:s AS date)"), {"s": start}).one()
     return {"finished": int(row.finished), "awarded": int(row.awarded),
-            "awaiting": int(row.awaiting)}
+            "awaiting": awaiting_xp(session)}
+
+
+def awaiting_xp(session: Session) -> int:
+    """Scenes awaiting XP: a state, like DOMAIN.md's "more than 10 scenes await XP", counted
+    by the audit's own query (check 8's report rows, domain.checks), so the health page and
+    `warden audit --check scene_xp` give the same number. It used to count only scenes
+    played in the period: 0 on the health page while the audit listed 251 (drill D5)."""
+    counts = session.execute(text(checks.scene_counts_sql())).mappings().one()
+    return sum(int(counts[r.key] or 0) for r in checks.SCENE_RULES if r.level == "report")
 
 
 def _character_stats(session: Session) -> dict[str, Any]:

@@ -84,3 +84,38 @@ def test_celery_cli_works_on_the_app(services: Services, worker: Proc) -> None:
                          env=services.env(), timeout=60)
     assert out.returncode == 0, out.stderr
     assert "pong" in out.stdout
+
+
+def test_bad_input_is_refused_at_once_and_leaves_nothing_behind(services: Services) -> None:
+    """Drill D9: each of these used to exit 0 (an empty list, a sweep of no character, a
+    database created with that name) or leave a failed job in the job list."""
+    import psycopg
+
+    def count(sql: str, *args: object) -> int:
+        with psycopg.connect(services.database_url, autocommit=True) as conn:
+            row = conn.execute(sql, args).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    jobs_sql = "SELECT count(*) FROM job_runs WHERE type IN ('backup.verify', " \
+               "'validation.characters')"
+    before = count(jobs_sql)
+    cases = [
+        (("jobs", "--status", "bogus"), 2, "'bogus' is not a job status; one of: queued"),
+        (("validate", "--character", "999999"), 2, "no character 999999"),
+        (("restore", "1", "--target-db", "bad name;drop"), 2, "not a plain database name"),
+        (("backup", "verify", "99"), 1, "no backup 99"),
+        (("backup", "verify", "99", "--wait"), 1, "no backup 99"),
+    ]
+    for args, code, message in cases:
+        out = warden(services, *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == code, (args, out.returncode, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr)
+        assert message in lines[0], (args, lines)
+        assert out.stdout == "", (args, out.stdout)
+    # and nothing was left behind: no job submitted, no database created
+    assert count(jobs_sql) == before
+    assert count("SELECT count(*) FROM pg_database WHERE datname = 'bad name;drop'") == 0
+    # while a good status still lists
+    assert warden(services, "jobs", "--status", "failed").returncode == 0

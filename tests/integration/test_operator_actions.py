@@ -81,7 +81,11 @@ def test_bulk_retry_counts_first_then_retries_and_logs(
 def test_one_job_needs_a_reason_and_is_logged(deployment: tuple[Isolated, str]) -> None:
     iso, base = deployment
     (job,) = _dead(iso, "platform.ping", 1)
-    assert _post(base, f"/v1/jobs/{job}/retry", None).status_code == 422
+    # no body at all (the README's old example): the 422 names the field it needs (D7)
+    for action in ("retry", "cancel"):
+        bare = _post(base, f"/v1/jobs/{job}/{action}", None)
+        assert bare.status_code == 422
+        assert [e["loc"] for e in bare.json()["detail"]] == [["body", "reason"]], bare.text
     blank = _post(base, f"/v1/jobs/{job}/retry", {"reason": "   "})
     assert blank.status_code == 422
     assert blank.json()["detail"][0]["loc"] == ["body", "reason"]

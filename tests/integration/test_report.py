@@ -102,14 +102,15 @@ def test_activity_outside_the_period_counts_for_nothing(conn: psycopg.Connection
     cid = add_character(conn)
     _decisions(conn, cid, approved=0, denied=5, hours_ago=48)
     _awaiting(conn, 15, days_ago=3)
-    # then a 24-hour report sees an empty period: no decisions, no scenes, no penalty
+    # then a 24-hour report sees an empty period: no decisions, no scenes played; the 15
+    # scenes still await XP (a state, whenever played: the scenes penalty)
     day = _report(24)
-    assert _score(day) == (100, "healthy", 0, 0, 0)
+    assert _score(day) == (90, "healthy", 0, 0, 10)
     assert day["checks"]["xp_activity"]["decisions"] == 0
     assert day["checks"]["xp_activity"]["requests"] == {"Pending": 0, "Approved": 0,
                                                         "Denied": 0}
-    assert day["checks"]["scene_xp_awards"] == {"finished": 0, "awarded": 0, "awaiting": 0,
-                                                "penalty": 0}
+    assert day["checks"]["scene_xp_awards"] == {"finished": 0, "awarded": 0, "awaiting": 15,
+                                                "penalty": 10}
     # and a week-long report sees both: 100 - 10 - 10
     week = _report(24 * 7)
     assert _score(week) == (80, "degraded", 0, 10, 10)
@@ -210,3 +211,52 @@ def test_a_job_stores_one_report_however_often_it_runs(conn: psycopg.Connection[
     # then it returns the report it made, and there is one
     assert again == first and again["health_score"] == 100
     assert conn.execute("SELECT count(*) FROM health_reports").fetchone() == (1,)
+
+
+def test_scenes_awaiting_xp_are_what_the_audit_counts_whenever_played(
+        conn: psycopg.Connection[Any]) -> None:
+    """Drill D5: the health page said "Scenes awaiting XP 0" while the audit counted 251."""
+    from tasks.audits import service as audits
+
+    # given finished scenes not given XP, played today, 3 days ago and a year ago
+    _awaiting(conn, 2)
+    _awaiting(conn, 3, days_ago=3)
+    _awaiting(conn, 4, days_ago=365)
+    add_scene(conn, finished=True, xp_given=True, days_ago=3)
+    # when the audit runs and a 24-hour report is made
+    with session_scope() as s:
+        run = audits.run_audit(s, check_names=["scene_xp"])
+    audited = run["totals"]["scene_xp"]["reports"]
+    report = _report(24)
+    # then both count the same 9 scenes
+    assert audited == 9, run["totals"]
+    assert report["checks"]["scene_xp_awards"]["awaiting"] == audited
+    # while the period's own figures stay the period's
+    assert report["checks"]["scene_xp_awards"]["finished"] == 2
+
+
+def test_the_cli_text_says_which_requests_and_decisions_it_counts(
+        iso: Isolated, conn: psycopg.Connection[Any]) -> None:
+    """Drill D5: "requests={'Denied': 0 ...} decisions=14 approval_rate=85.7%" read as a
+    contradiction: the decisions were made in the period on requests created before it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    # given 3 requests created 3 days ago and decided an hour ago, and one created today
+    cid = add_character(conn)
+    for state in ("Approved", "Approved", "Denied"):
+        conn.execute("INSERT INTO xp_spend_requests (character_id, trait_name, trait_type, "
+                     "trait_value, cost, state, created_at, decided_at) VALUES (%s, 'brawl', "
+                     "'ability', 2, 2, %s, now() - interval '3 days', now() - interval "
+                     "'1 hour')", (cid, state))
+    _decisions(conn, cid, approved=0, denied=0, pending=1)
+    # when the report is printed
+    out = subprocess.run([sys.executable, "-m", "cli.main", "report", "--inline"], cwd=ROOT,
+                         env=iso.env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode in (0, 1), out.stderr
+    line = next(x for x in out.stdout.splitlines() if "xp_activity" in x)
+    # then it names both populations, and they add up as read
+    assert "requests created in the period: Approved=0 Denied=0 Pending=1" in line, line
+    assert "decided in the period: 3 (approved 2, denied 1), approval_rate=66.7%" in line, line

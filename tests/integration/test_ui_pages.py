@@ -316,3 +316,79 @@ def test_the_page_stays_out_of_the_api_document_and_redirects_only_to_itself(app
     for elsewhere in ("//evil.example", "https://evil.example/ui", "/ui.evil/x", "/v1/jobs",
                       "/ui//evil.example", "/ui/\\evil", None, ""):
         assert _safe_next(elsewhere) == "/ui/jobs", elsewhere
+
+
+def test_displays_do_not_contradict_the_state(app: Any, tokens: dict[str, str]) -> None:
+    """Drill D5: a paused migration showed an ETA, a succeeded one a red "Last error", and a
+    retried job the last run's start, worker and red error as if current."""
+    from sqlalchemy import text
+
+    from tasks.data_migrations import opening_balances, service, spent_xp
+    from workers import operator
+    from workers.db import session_scope
+
+    # given a paused migration part-way (its run's job ended succeeded when the pause
+    # stopped it), and a succeeded one whose first attempt failed
+    run_job = _submit(status="succeeded")
+    with session_scope() as s:
+        for name in (spent_xp.NAME, opening_balances.NAME):
+            service.state(s, name)
+        s.execute(text("UPDATE data_migrations SET status = 'paused', rows_done = 10, "
+                       "rows_total = 100, seconds_running = 5, job_id = :j WHERE name = :n"),
+                  {"n": spent_xp.NAME, "j": run_job})
+        s.execute(text("UPDATE data_migrations SET status = 'succeeded', rows_done = 100, "
+                       "rows_total = 100, seconds_running = 5, attempts = 2, "
+                       "last_error = 'verify: 1 rows still to migrate', "
+                       "last_error_at = now() WHERE name = :n"), {"n": opening_balances.NAME})
+        shown = {m["name"]: m for m in service.list_migrations(s)}
+    # and a failed job, retried by an operator
+    job = _submit(status="failed", attempts=1, worker="w9@host:1", error_code="internal_error",
+                  error_message="the last run's error")
+    with session_scope() as s:
+        s.execute(text("UPDATE job_runs SET started_at = now() - interval '1 minute', "
+                       "finished_at = now() WHERE id = :id"), {"id": job})
+    operator.retry(uuid.UUID(job), actor="test", reason="fixed")
+    # then the API's (and CLI's) summary has no ETA for the paused one, no error for the
+    # succeeded one
+    assert shown[spent_xp.NAME]["eta_seconds"] is None
+    assert shown[opening_balances.NAME]["last_error"] is None
+    with _client(app) as client:
+        _login(client, tokens["admin"])
+        page = client.get("/ui/migrations").text
+        paused = page.split(f'id="migration-{spent_xp.NAME}"', 1)[1].split("</section>", 1)[0]
+        done = page.split(f'id="migration-{opening_balances.NAME}"', 1)[1].split(
+            "</section>", 1)[0]
+        # and the page neither
+        assert "ETA" not in paused, paused
+        # and the run's green "succeeded" next to "paused" (Flower: SUCCESS) is explained
+        assert "last run's job" in paused and "Flower, which shows Celery's view" \
+            in paused, paused
+        assert "Last error" not in done and "flash bad" not in done, done
+        # and the retried job's page shows the last run as the previous one, not current
+        html = client.get(f"/ui/jobs/{job}").text
+        current, previous = html.split('id="previous-run"', 1)
+        assert "w9@host:1" not in current and "the last run&#39;s error" not in current
+        assert "w9@host:1" in previous and "the last run&#39;s error" in previous
+        assert "bad-text" not in html
+        # and a cancelled job says why Flower may show it otherwise (RECEIVED)
+        cancelled = _submit(status="queued")
+        operator.cancel(uuid.UUID(cancelled), actor="test", reason="not needed")
+        assert "stay RECEIVED there" in client.get(f"/ui/jobs/{cancelled}").text
+
+
+def test_the_404_page_keeps_the_navigation_and_covers_unknown_paths(
+        app: Any, tokens: dict[str, str]) -> None:
+    """Drill D12: the 404 page had no navigation and offered "Log in" to a logged-in
+    operator; an unknown /ui path answered the API's raw JSON."""
+    with _client(app) as client:
+        _login(client, tokens["read"])
+        for path in (f"/ui/jobs/{uuid.uuid4()}", "/ui/no-such-page", "/ui/jobs/x/y/z"):
+            r = client.get(path)
+            assert r.status_code == 404, path
+            assert r.headers["content-type"].startswith("text/html"), (path, r.text[:200])
+            assert '<nav>' in r.text and 'href="/ui/migrations"' in r.text, path
+            assert 'href="/ui/login"' not in r.text, path
+    # and without a session: the same page, offering to log in
+    with _client(app) as client:
+        r = client.get("/ui/no-such-page")
+        assert r.status_code == 404 and 'href="/ui/login"' in r.text and "<nav>" not in r.text

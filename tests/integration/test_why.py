@@ -116,8 +116,7 @@ def test_no_worker_then_jobs_ahead_in_the_queue(
                          timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["waiting_on"]["reason"] == "queue"
-    assert out.stderr.strip() == "queue: 3 job(s) ahead of it in queue 'warden', 1 worker(s) " \
-                                 "consuming"
+    assert out.stderr.strip() == "3 job(s) ahead of it in queue 'warden', 1 worker(s) consuming"
     r.delete("warden:worker:busy@test")
 
 
@@ -222,3 +221,74 @@ def test_a_running_job_whose_lease_lapsed_says_when_it_may_be_taken_over(
     # and a live lease says nothing of the kind
     row["lease_expires_at"] = datetime.now(UTC) + timedelta(seconds=10)
     assert "lapsed" not in why.explain(row)["message"]
+
+
+def test_warden_job_says_the_reason_once(services: Services, deployment: tuple[Isolated, str]
+                                         ) -> None:
+    """Drill D12: `warden job` printed "failed: failed: ..." and "countdown: countdown: ..."."""
+    iso, _ = deployment
+    failed = _job(iso, "testing.sleep_effect", "status = 'failed', attempts = 1, "
+                  "finished_at = now(), error_code = 'internal_error', error_message = 'boom'")
+    countdown = _job(iso, "testing.sleep_effect",
+                     "not_before = now() + interval '10 minutes', published_at = now()")
+    for job_id, line in ((failed, "failed: internal_error: boom"),
+                         (countdown, "countdown: may run from ")):
+        out = subprocess.run([sys.executable, "-m", "cli.main", "job", job_id], cwd=ROOT,
+                             env=services.env(**iso.env), capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 0, out.stderr
+        assert out.stderr.startswith(line), out.stderr
+        assert out.stderr.count(line.split(":")[0] + ":") == 1, out.stderr
+
+
+def test_a_singleton_deferred_behind_another_says_so_not_queue(
+    services: Services, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Drill D6: after the holder ended, a singleton job a worker had deferred said "0 job(s)
+    ahead ..., 1 worker(s) consuming" for ~13 s, as if a worker were stuck."""
+    from tests.conftest import start_worker
+
+    with isolated(services, tmp_path_factory.mktemp("why-singleton")) as iso:
+        with psycopg.connect(iso.database_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO api_tokens (name, token_hash, scopes) "
+                         "VALUES ('why', %s, '{read}')", (hash_token(TOKEN),))
+        # a worker with two processes; a lease long enough to see the deferral
+        env = {**iso.env, "WARDEN_LEASE_TTL": "8"}
+        worker = start_worker(services, "why-singleton", env=env)
+        api, base = start_api(services, env=env)
+        try:
+            def enqueue(seconds: float) -> str:
+                out = subprocess.run(
+                    [sys.executable, "-m", "cli.main", "enqueue", "testing.singleton_sleep",
+                     "-p", f"seconds={seconds}"], cwd=ROOT, env=services.env(**env),
+                    capture_output=True, text=True, timeout=60, check=True)
+                return str(json.loads(out.stdout)["id"])
+
+            # given a singleton job running, and a second one of the type taken meanwhile
+            holder = enqueue(8)
+            iso.wait(holder, {"running"}, timeout=30)
+            waiter = enqueue(0)
+            seen: list[dict[str, object]] = []
+            every: list[tuple[str, str, object]] = []
+            deadline = time.monotonic() + 40
+            # when its holder has ended while the second waits for its deferral to end
+            while time.monotonic() < deadline:
+                row = iso.job(waiter)
+                if row["status"] != "queued":
+                    break
+                why = _why(base, waiter)
+                row = iso.job(waiter)
+                holder_done = iso.job(holder)["status"] == "succeeded"
+                every.append((str(iso.job(holder)["status"]), str(row["status"]), why))
+                if (holder_done and row["status"] == "queued" and row["next_attempt_at"]
+                        and why["reason"] != "outbox"):
+                    seen.append(why)
+                time.sleep(0.3)
+            iso.wait(waiter, {"succeeded"}, timeout=30)
+        finally:
+            api.stop()
+            worker.stop()
+    # then each answer meanwhile said it is deferred, and until when; never "0 jobs ahead"
+    assert seen, ("the waiter was never seen deferred after its holder ended", every)
+    assert {w["reason"] for w in seen} == {"deferred"}, seen
+    assert all("singleton" in str(w["message"]) and w["until"] for w in seen), seen

@@ -1,6 +1,6 @@
 """Review: a job revoked from Flower (Celery's revoke) must end visibly, not loop unseen.
 
-Flower is the operators' tool (ARCHITECTURE.md), and its Revoke button sends Celery's
+Flower is the operators' tool (docs/architecture.md), and its Revoke button sends Celery's
 `revoke`: every worker keeps the id for 3 hours (celery.worker.state REVOKE_EXPIRES) and
 acks every copy of the message without running it (Request.revoked ->
 _announce_revoked). Nothing tells job_runs: the row stays `queued` (or `running`, for a

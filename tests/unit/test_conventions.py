@@ -1,4 +1,5 @@
-"""Convention tests: the rules of ARCHITECTURE.md, kept true by the build."""
+"""Convention tests: the rules of docs/architecture.md ("Layout and conventions"), kept true
+by the build."""
 
 from __future__ import annotations
 
