@@ -93,10 +93,14 @@ LOCK_KEEPALIVE = 10.0
 SCRATCH_DROP_WAIT = "60s"
 _UNFINISHED = tuple(sorted(UNFINISHED_STATUSES))
 # pg_dump/pg_restore stderr that means the server or the network, not the archive.
+# The database refusing connections for a while (a blocked database, full connection slots,
+# recovery) and a statement cancelled by a timeout are the server's moment, not the archive's.
 _TRANSIENT_TOOL_ERRORS = re.compile(
     r"could not connect|connection to server|server closed the connection|terminating "
-    r"connection|lock timeout|could not obtain lock|the database system is (starting|shutting)"
-    r"|invalid snapshot identifier", re.IGNORECASE)
+    r"connection|lock timeout|could not obtain lock|the database system is (starting|shutting"
+    r"|in recovery)|invalid snapshot identifier|canceling statement due to"
+    r"|not currently accepting connections|too many clients|connection slots are reserved",
+    re.IGNORECASE)
 # pg_restore stderr that means the server could not hold the scratch copy (its disk is full):
 # the server's trouble, not the archive's, so no verdict (a failed one would take a good
 # backup out of retention). Seen: 'could not extend file "pg_tblspc/..." with
