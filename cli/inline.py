@@ -47,7 +47,7 @@ from sqlalchemy import text
 
 from workers import identity, jobstore
 from workers.db import autocommit
-from workers.errors import JobError, OwnershipLost, TransientError, describe
+from workers.errors import TRANSIENT_EXCEPTIONS, JobError, OwnershipLost, describe
 from workers.runs import Run, heartbeat
 
 SOURCE = "cli-inline"
@@ -68,8 +68,9 @@ def _claim_window() -> float:
 POLL_SECONDS = 1.0  # how often a singleton waiting for the running job of its type looks
 
 # The errors a worker would retry; inline they end the run `failed` with this code prefix.
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    TransientError, *jobstore.RETRYABLE_DB_ERRORS, ConnectionError, TimeoutError)
+# The worker's classification (workers.errors), so both record the same code.
+_TRANSIENT: tuple[type[BaseException], ...] = (*TRANSIENT_EXCEPTIONS,
+                                              *jobstore.RETRYABLE_DB_ERRORS)
 
 
 class InlineFailed(JobError):

@@ -4,12 +4,16 @@ JobError: a clean, final failure with a stable code (recorded `failed`, never re
 TransientError: worth another attempt (recorded `retrying`, then `dead` past the budget).
 Domain errors subclass JobError, so workers/ never needs to import domain/.
 `describe` is how any of them (and any other error) reads in job_runs and the logs.
+TRANSIENT_EXCEPTIONS / `is_transient`: the one place that says which errors of the
+infrastructure (not the job's) are worth another attempt, for every family alike.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+import redis
 import sqlalchemy.exc
 
 
@@ -28,6 +32,30 @@ class JobError(Exception):
 class TransientError(Exception):
     """Raise from a job to ask for a retry with backoff (a dependency hiccup)."""
 
+
+
+# What a retry can cure, wherever it is raised: SQLAlchemy's wrappers and the raw psycopg
+# errors a family meets on a connection of its own (backups: the advisory-lock, snapshot and
+# scratch connections; review N4a): a restarted server or a terminated backend
+# (AdminShutdown), a refused connection, a deadlock or serialization failure, a statement or
+# lock timeout (all psycopg.OperationalError), a dropped connection (InterfaceError).
+TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    TransientError,
+    sqlalchemy.exc.OperationalError,  # connection lost, deadlock, lock timeout, serialization
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # pool exhausted
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is the infrastructure's passing trouble (retry), not the job's."""
+    return isinstance(exc, TRANSIENT_EXCEPTIONS)
 
 
 class OwnershipLost(Exception):

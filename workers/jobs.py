@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, NoReturn
 
-import redis
 import sqlalchemy.exc
 import structlog
 from celery import Task
@@ -38,7 +37,7 @@ from sqlalchemy.orm import Session
 from workers import deployment, identity, jobstore
 from workers.db import session_scope
 from workers.enqueue import fan_out_children, publish
-from workers.errors import JobError, OwnershipLost, TransientError, describe
+from workers.errors import TRANSIENT_EXCEPTIONS, JobError, OwnershipLost, describe
 from workers.runs import Run, heartbeat
 from workers.settings import get_settings
 
@@ -48,17 +47,6 @@ log = structlog.get_logger("warden.jobs")
 # at import, before the pool forks, so every pool process shares it. A job the shutdown
 # then terminates (SystemExit in the pool process) knows it was stopped, not broken.
 SHUTTING_DOWN: Any = multiprocessing.Value("b", 0, lock=False)
-
-TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    TransientError,
-    sqlalchemy.exc.OperationalError,  # connection lost, deadlock, lock timeout, serialization
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,  # pool exhausted
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 def backoff(attempt: int, base: float | None = None, cap: float | None = None) -> float:
@@ -374,7 +362,7 @@ class JobTask(Task):
             log.warning("job.failed", error_code=exc.code)
         elif isinstance(exc, SoftTimeLimitExceeded):
             self._record(run, "failed", "time_limit", "soft time limit exceeded")
-        elif isinstance(exc, TRANSIENT_EXCEPTIONS):
+        elif isinstance(exc, TRANSIENT_EXCEPTIONS):  # workers.errors: one classification
             self._transient(run, raw, exc)
         else:
             self._record(run, "failed", "internal_error", describe(exc))

@@ -122,12 +122,14 @@ def pause(name: str, body: Reason,
 @router.post("/{name}/resume", responses=_conflict("paused"))
 def resume(name: str, body: OptionalReason,
            who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
-    """Queue a new run that starts at the checkpoint."""
+    """Queue a new run that starts at the checkpoint (committed with the state change)."""
     _may_run(who, name)
-    out: dict[str, Any] = _call(service.resume, name, actor=who.name,
-                                reason=body.reason or "resumed by an operator")
-    sub = submit("migration.run", {"name": name}, source="api")
-    out["job_id"] = str(sub.job["id"])
+    resumed: service.Resumed = _call(service.resume_run, name, actor=who.name,
+                                     reason=body.reason or "resumed by an operator",
+                                     source="api")
+    resumed.publish()  # committed; if this send fails, the relay sends it
+    out = dict(resumed.summary)
+    out["job_id"] = resumed.job_id
     return out
 
 

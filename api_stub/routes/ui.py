@@ -60,7 +60,7 @@ from tasks.reports import service as reports
 from workers import jobstore, liveness, operator, oplog, scopes, stats, why
 from workers.celery_app import QUEUE
 from workers.db import session_scope
-from workers.enqueue import job_types, publisher, submit
+from workers.enqueue import job_types, publisher
 from workers.models import JOB_STATUSES
 from workers.settings import get_settings
 from workers.tokens import Principal, TokenCache
@@ -753,17 +753,18 @@ def _steer(request: Request, viewer: Viewer, name: str, action: str,
                 if reason is None:
                     raise oplog.ReasonRequired("a pause needs a reason (operator log)")
                 migrations.pause(s, name, actor=viewer.principal.name, reason=reason)
-            else:
-                migrations.resume(s, name, actor=viewer.principal.name,
-                                  reason=reason or "resumed by an operator")
+            else:  # the state change and the run commit together (review N6)
+                resumed = migrations.resume_run(s, name, actor=viewer.principal.name,
+                                                reason=reason or "resumed by an operator",
+                                                source="ui")
     except migrations.MigrationUnknown as exc:
         raise _Refused(404, str(exc)) from exc
     except (migrations.MigrationConflict, oplog.ReasonRequired) as exc:
         return _back(request, to, str(exc), ok=False)
     if action == "resume":
         # As POST /v1/migrations/{name}/resume: the new run starts at the checkpoint.
-        sub = submit("migration.run", {"name": name}, source="ui")
-        return _back(request, to, f"{name} resumed: run {sub.job['id']} queued.")
+        resumed.publish()  # committed; if this send fails, the relay sends it
+        return _back(request, to, f"{name} resumed: run {resumed.job_id} queued.")
     return _back(request, to, f"{name} pauses after its current batch.")
 
 

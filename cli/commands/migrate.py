@@ -190,9 +190,16 @@ def data(name: str, dry_run: bool, batch_size: int | None, detach: bool) -> None
                 sys.exit(_watch(name, current["job_id"]))
             return
         if current["status"] == "paused":
-            _service_call(service.resume, name, actor=_actor(), reason="warden migrate data")
-    sub = submit("migration.run", params, source="cli")
-    job_id = str(sub.job["id"])
+            # the state change and its run commit together (review N6)
+            resumed = _service_call(service.resume_run, name, actor=_actor(),
+                                    reason="warden migrate data", source="cli",
+                                    params=params)
+            resumed.publish()  # committed; if this send fails, the relay sends it
+            job_id = resumed.job_id
+        else:
+            job_id = str(submit("migration.run", params, source="cli").job["id"])
+    else:
+        job_id = str(submit("migration.run", params, source="cli").job["id"])
     click.echo(f"{'dry run of ' if dry_run else ''}{name}: job {job_id}", err=True)
     if detach:
         click.echo(job_id)
@@ -264,12 +271,13 @@ def pause(name: str, reason: str) -> None:
 def resume(name: str, reason: str) -> None:
     """Queue a new run of paused NAME, starting at its checkpoint."""
     from tasks.data_migrations import service
-    from workers.enqueue import submit
 
     _known(name)
-    _service_call(service.resume, name, actor=_actor(), reason=reason)
-    sub = submit("migration.run", {"name": name}, source="cli")
-    click.echo(f"{name} resumed: job {sub.job['id']}")
+    # the state change and its run commit together (review N6)
+    resumed = _service_call(service.resume_run, name, actor=_actor(), reason=reason,
+                            source="cli")
+    resumed.publish()  # committed; if this send fails, the relay sends it
+    click.echo(f"{name} resumed: job {resumed.job_id}")
 
 
 @migrate.command("cancel")

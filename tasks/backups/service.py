@@ -8,6 +8,11 @@ Guarantees, and what gives each:
 - One backup at a time, never interleaved: a Postgres advisory lock held on its own
   connection for the whole run (released by the server if the process dies), and a unique
   index allowing one `running` row. The job core's singleton lease sits in front of both.
+  That connection is idle while pg_dump works, so idle_session_timeout, a proxy or
+  pg_terminate_backend can drop it (and the lock with it): it is pinged every
+  LOCK_KEEPALIVE seconds during the dump and checked before the files are sealed, and a
+  lost lock fails the run as transient (retried) rather than record a backup made without
+  it (review N14).
 - A file that looks complete is complete: pg_dump writes `.<name>.partial`; it is fsynced,
   hashed and renamed to its final name only after pg_dump succeeded, then the manifest,
   then the directory is fsynced; only then does the row say `succeeded`.
@@ -44,6 +49,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+import sqlalchemy.exc
 import structlog
 from psycopg import sql
 from sqlalchemy import create_engine, pool, text
@@ -60,7 +66,7 @@ from tasks.backups.pgtools import (
 )
 from workers import oplog
 from workers.db import session_scope
-from workers.errors import JobError, TransientError
+from workers.errors import JobError, TransientError, is_transient
 from workers.models import UNFINISHED_STATUSES
 from workers.settings import get_settings
 
@@ -77,6 +83,9 @@ CREATE_LOCK, VERIFY_LOCK = 1, 2
 # is a stuck session, and a retried job beats a backup hanging until the hard time limit.
 DUMP_LOCK_WAIT = "300s"
 CHUNK = 1 << 20  # 1 MiB reads for hashing
+# The lock's connection is pinged this often during a dump: below any sane
+# idle_session_timeout or proxy idle cut (minutes), and one round trip per 10 s costs nothing.
+LOCK_KEEPALIVE = 10.0
 # DROP DATABASE waits until every backend of the server has accepted a signal barrier; a
 # backend busy in a long statement elsewhere can hold that for minutes (seen on PostgreSQL
 # 15 behind another database's long query). Past this, the scratch database is left for
@@ -84,10 +93,14 @@ CHUNK = 1 << 20  # 1 MiB reads for hashing
 SCRATCH_DROP_WAIT = "60s"
 _UNFINISHED = tuple(sorted(UNFINISHED_STATUSES))
 # pg_dump/pg_restore stderr that means the server or the network, not the archive.
+# The database refusing connections for a while (a blocked database, full connection slots,
+# recovery) and a statement cancelled by a timeout are the server's moment, not the archive's.
 _TRANSIENT_TOOL_ERRORS = re.compile(
     r"could not connect|connection to server|server closed the connection|terminating "
-    r"connection|lock timeout|could not obtain lock|the database system is (starting|shutting)"
-    r"|invalid snapshot identifier", re.IGNORECASE)
+    r"connection|lock timeout|could not obtain lock|the database system is (starting|shutting"
+    r"|in recovery)|invalid snapshot identifier|canceling statement due to"
+    r"|not currently accepting connections|too many clients|connection slots are reserved",
+    re.IGNORECASE)
 # pg_restore stderr that means the server could not hold the scratch copy (its disk is full):
 # the server's trouble, not the archive's, so no verdict (a failed one would take a good
 # backup out of retention). Seen: 'could not extend file "pg_tblspc/..." with
@@ -107,6 +120,11 @@ TABLES_SQL = (
 
 class BackupBusy(TransientError):
     """Another process holds the backup (or verification) lock: try again later."""
+
+
+class LockLost(TransientError):
+    """The advisory lock's connection went away mid-run (terminated, timed out): another run
+    may have started meanwhile, so this run records nothing and is tried again."""
 
 
 class DumpFailed(JobError):
@@ -172,6 +190,36 @@ def _advisory(target: Target, key: int, what: str) -> Iterator[psycopg.Connectio
         yield conn
     finally:
         conn.close()
+
+
+class _LockGuard:
+    """Keeps an advisory lock's idle connection alive and proves the lock is still held."""
+
+    def __init__(self, conn: psycopg.Connection[Any], key: int, what: str) -> None:
+        self.conn, self.key, self.what = conn, key, what
+        self.last = time.monotonic()
+
+    def check(self) -> None:
+        """LockLost unless the connection is alive and its session holds the lock."""
+        try:
+            row = self.conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND classid = %s AND objid = %s AND objsubid = 2",
+                (LOCK_CLASS, self.key)).fetchone()
+        except psycopg.Error as exc:
+            raise LockLost(f"the {self.what} lock was lost with its connection "
+                           f"({type(exc).__name__}: {str(exc).strip()[:300]}); "
+                           "nothing is recorded, the run is tried again") from exc
+        finally:
+            self.last = time.monotonic()
+        if not row or not row[0]:
+            raise LockLost(f"the {self.what} lock is no longer held; nothing is recorded, "
+                           "the run is tried again")
+
+    def tick(self) -> None:
+        """check() at most once per LOCK_KEEPALIVE seconds (the ping is the keepalive)."""
+        if time.monotonic() - self.last >= LOCK_KEEPALIVE:
+            self.check()
 
 
 def count_rows(conn: psycopg.Connection[Any], only: Collection[str] | None = None
@@ -368,6 +416,12 @@ def create_backup(job_id: str | None = None, *, session: SessionFactory = sessio
     """
     target = app_target()
     with _advisory(target, CREATE_LOCK, "backup") as lock:
+        guard = _LockGuard(lock, CREATE_LOCK, "backup")
+
+        def watch() -> None:  # once a second while pg_dump runs
+            check_owned()
+            guard.tick()
+
         version_num, version = server_version(lock)
         tools = find_tools(version_num // 10000)
         with session() as s:
@@ -381,7 +435,7 @@ def create_backup(job_id: str | None = None, *, session: SessionFactory = sessio
             _remove_files(*_files_of(orphan.path, orphan.partial_path))
             log.warning("backup.orphan_failed", backup_id=orphan.id)
         try:
-            row = _dump(target, tools, planned, version_num, version, check_owned)
+            row = _dump(target, tools, planned, version_num, version, watch, guard.check)
             with session() as s:
                 _record_success(s, row)
                 return complete(s, _created_result(row))
@@ -401,8 +455,10 @@ def _record_pid(backup_id: int, pid: int) -> None:
 
 
 def _dump(target: Target, tools: PgTools, planned: _Planned, version_num: int, version: str,
-          check_owned: Callable[[], None]) -> dict[str, Any]:
-    """pg_dump in an exported snapshot, the counts in that snapshot, then seal the files."""
+          check_owned: Callable[[], None],
+          lock_held: Callable[[], None] = _never_lost) -> dict[str, Any]:
+    """pg_dump in an exported snapshot, the counts in that snapshot, then seal the files
+    (only while the backup lock is provably held: `lock_held`)."""
     fd = os.open(planned.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
     with target.connect() as snap:
@@ -429,6 +485,7 @@ def _dump(target: Target, tools: PgTools, planned: _Planned, version_num: int, v
     if code != 0:
         raise _tool_error("pg_dump", stderr, code)
     check_owned()
+    lock_held()
     try:
         return _seal(planned, counts, snapshot_at, catalogue, tools, version_num, version)
     except OSError as exc:  # a full or failing disk: as clear as pg_dump's own ENOSPC
@@ -503,6 +560,21 @@ def scratch_prefix(database: str) -> str:
     return f"{_safe_name(database)[:30]}_verify_"
 
 
+def scratch_mark(database: str) -> str:
+    """The comment a verification puts on each scratch database it creates: what makes a
+    database this application database's scratch (the prefix alone does not: another
+    application database sharing 30 characters, or a restore target an operator named that
+    way, has it too; review N15). Database names are unique on a server."""
+    return f"warden verification scratch of database {database}"
+
+
+def create_scratch(conn: psycopg.Connection[Any], name: str, database: str) -> None:
+    """Create a scratch database and mark it as `database`'s own (scratch_mark)."""
+    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+        sql.Identifier(name), sql.Literal(scratch_mark(database))))
+
+
 def drop_database(conn: psycopg.Connection[Any], name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
@@ -522,11 +594,15 @@ def _drop_scratch(conn: psycopg.Connection[Any], name: str) -> bool:
     return True
 
 
-def _drop_leftover_scratch(conn: psycopg.Connection[Any], prefix: str) -> list[str]:
-    """Scratch databases of verifications that died (the caller holds the verify lock)."""
+def _drop_leftover_scratch(conn: psycopg.Connection[Any], prefix: str,
+                           database: str) -> list[str]:
+    """Scratch databases of this database's verifications that died (the caller holds the
+    verify lock): those with the prefix AND the mark create_scratch put on them, never a
+    database that merely has a matching name."""
     names = [str(r[0]) for r in conn.execute(
-        "SELECT datname FROM pg_database WHERE left(datname, %s) = %s",
-        (len(prefix), prefix)).fetchall()]
+        "SELECT datname FROM pg_database WHERE left(datname, %s) = %s "
+        "AND shobj_description(oid, 'pg_database') = %s",
+        (len(prefix), prefix, scratch_mark(database))).fetchall()]
     for name in names:
         drop_database(conn, name)
         log.warning("backup.scratch_dropped", database=name)
@@ -587,7 +663,7 @@ def verify_backup(backup_id: int, job_id: str | None = None, *,
             s.execute(text("UPDATE backups SET verify_job_id = :job, verify_started_at = now() "
                            "WHERE id = :id"), {"job": job_id, "id": backup_id})
         prefix = scratch_prefix(target.dbname)
-        _drop_leftover_scratch(lock, prefix)
+        _drop_leftover_scratch(lock, prefix, target.dbname)
         version_num, _ = server_version(lock)
         tools = find_tools(version_num // 10000, archive_major(row.get("pg_dump_version")))
         scratch = f"{prefix}{backup_id}_{uuid.uuid4().hex[:8]}"
@@ -652,9 +728,10 @@ def _verify_steps(row: dict[str, Any], target: Target, tools: PgTools,
     check_owned()
     # 3. a real restore into a scratch database
     try:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
-            sql.Identifier(scratch)))
+        create_scratch(admin, scratch, target.dbname)
     except psycopg.Error as exc:
+        if is_transient(exc):  # the connection or the server, for a moment: try again
+            raise
         raise ScratchUnavailable(f"cannot create scratch database {scratch}: {exc}") from exc
     scratch_target = target.with_db(scratch)
     code, stderr, seconds = run_tool(restore_argv(tools, path, scratch_target), target,
@@ -688,19 +765,31 @@ def _verify_steps(row: dict[str, Any], target: Target, tools: PgTools,
     report.steps["row_counts"] = {"ok": True, "tables": len(restored),
                                   "rows": sum(restored.values())}
     check_owned()
-    # 5. the integrity audit's checks on the copy, recorded beside the live database's
+    # 5. the integrity audit's checks on the copy, recorded beside the live database's.
+    # Only what the restored copy itself causes (a table or column missing, data the queries
+    # reject) fails the backup; a dropped connection, a timeout, the soft time limit or a
+    # lost ownership propagate with no verdict stored (a failed verdict takes a backup that
+    # restored and matched out of retention; review N4b), and the job retries.
     report.checks["source"] = audit.source()
     try:
         report.checks["restored"] = _checks_on(scratch_target)
-    except Exception as exc:
+    except _COPY_FAULTS as exc:
         report.fail("checks", f"the integrity checks cannot run on the restored copy: {exc}")
         return
     try:
         with session_scope() as s:
             report.checks["live"] = audit.integrity_counts(s)
-    except Exception as exc:  # the live database's own trouble is not the backup's verdict
+    except (sqlalchemy.exc.SQLAlchemyError, psycopg.Error) as exc:
+        # the live database's own trouble is not the backup's verdict (and the soft time
+        # limit, or a lost ownership, is no trouble to note and go on past)
         report.checks["live_error"] = f"{type(exc).__name__}: {exc}"[:500]
     report.steps["checks"] = {"ok": True}
+
+
+# Errors of the restored copy's own making (SQLAlchemy's wrappers and psycopg's own).
+_COPY_FAULTS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError,
+    psycopg.ProgrammingError, psycopg.DataError, psycopg.IntegrityError)
 
 
 def _list(tools: PgTools, path: Path, target: Target) -> tuple[int, str, str]:

@@ -5,7 +5,8 @@ backup, keyed `backup-verify:<backup id>`, in the transaction that records the b
 the job's outcome (workers.enqueue.submit_in): the verification always names the backup it
 follows, a repeated create cannot queue it twice, and no create succeeds without it. Beat
 submits backup.prune later in the night, which also submits the verification of the newest
-backup if none is pending (a backup made outside the job system, or adopted).
+backup if none is pending and it has no verdict (a backup made outside the job system, or
+adopted, or whose verification ended without a verdict: a fault, the time limit).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from tasks.backups import service
@@ -20,6 +22,7 @@ from tasks.backups.schemas import CreateBackup, PruneBackups, VerifyBackup
 from workers.app import app
 from workers.db import session_scope
 from workers.enqueue import Prepared, publish_prepared, submit_in
+from workers.errors import TransientError
 from workers.jobs import JobTask
 
 log = structlog.get_logger("warden.backups")
@@ -30,12 +33,25 @@ def verify_key(backup_id: int) -> str:
     return f"backup-verify:{backup_id}"
 
 
-def _submit_verify(backup_id: int, source: str) -> str | None:
+_ENDED_WITHOUT_SUCCESS = ("failed", "dead", "cancelled")
+
+
+def _submit_verify(backup_id: int, source: str, retry_key: str) -> str | None:
+    """Submit the verification of a backup that has no verdict and none pending. Its key is
+    the backup's (`backup-verify:<id>`); if that key's job already ended without success
+    (it stored no verdict: a fault, the time limit; review N13), a new one is submitted
+    under `retry_key` (one per backstop run, so a repeated prune submits it once)."""
     from workers.enqueue import submit
 
     try:
         sub = submit("backup.verify", {"backup_id": backup_id},
                      idempotency_key=verify_key(backup_id), source=source)
+        if not sub.created and sub.job["status"] in _ENDED_WITHOUT_SUCCESS:
+            log.info("backup.verify_resubmitted", backup_id=backup_id,
+                     previous=str(sub.job["id"]), previous_status=sub.job["status"])
+            sub = submit("backup.verify", {"backup_id": backup_id},
+                         idempotency_key=f"{verify_key(backup_id)}:{retry_key}"[:200],
+                         source=source)
     except Exception as exc:  # the prune job's backstop submits it later
         log.warning("backup.verify_not_submitted", backup_id=backup_id, error=str(exc))
         return None
@@ -81,10 +97,15 @@ def verify(self: JobTask, params: VerifyBackup) -> dict[str, Any]:
 
     Idempotency: the verdict is a pure function of the file and is written over the previous
     one, keyed by the backup id; the scratch database has a fresh name each run and is
-    dropped (a leftover of a killed run is dropped by the next).
+    dropped (a leftover of a killed run is dropped by the next). Only the backup earns a
+    failed verdict: the soft time limit, like a database fault, stores none and retries.
     """
-    return service.verify_backup(params.backup_id, self.job_id, session=self.session,
-                                 complete=self.complete, check_owned=self.check_owned)
+    try:
+        return service.verify_backup(params.backup_id, self.job_id, session=self.session,
+                                     complete=self.complete, check_owned=self.check_owned)
+    except SoftTimeLimitExceeded as exc:  # the clock's verdict, not the backup's
+        raise TransientError(f"backup {params.backup_id}: the verification reached the soft "
+                             "time limit; no verdict stored") from exc
 
 
 # admin: it deletes backups, and its params can lower every limit to 0.
@@ -109,5 +130,5 @@ def prune(self: JobTask, params: PruneBackups) -> dict[str, Any]:
         with session_scope() as s:
             pending = service.newest_unverified(s)
         if pending is not None:
-            _submit_verify(pending, "backup.prune")
+            _submit_verify(pending, "backup.prune", f"prune:{self.job_id}")
     return result

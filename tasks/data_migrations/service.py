@@ -11,7 +11,10 @@ job cannot commit a batch.
 Why the state row is the arbiter: pause, resume, cancel and a second run of the same
 migration all change that row under its lock, so a batch either commits before the
 operator's change or sees it and stops. A paused run ends its job (no lock, no worker);
-resuming enqueues a new run that starts at the cursor.
+resuming enqueues a new run that starts at the cursor, in the transaction that marks the
+migration queued (a state `queued` always names a job that will run it; review N6). A
+migration left `queued` with no live job (by the two-transaction resume of earlier
+versions) shows as failed, and retry starts it again.
 
 The rest: the batch size adapts to WARDEN_MIGRATION_BATCH_SECONDS; a statement or lock
 timeout splits the batch in half; transient errors retry the batch with backoff, up to
@@ -130,11 +133,20 @@ ETA_STATUSES = ("queued", "running")
 
 def _effective_status(row: RowMapping, job: RowMapping | None) -> str:
     """A run whose job ended without recording the migration's outcome (dead after
-    transient errors, killed by the time limit) leaves the state `running`: it has failed."""
+    transient errors, killed by the time limit) leaves the state `running`: it has failed.
+    So has a `queued` migration whose job is gone or already ended: nothing will run it."""
     if row["status"] in ("running", "queued") and job is not None \
             and job["status"] in FINAL_JOB_STATUSES:
         return "failed"
+    if _queued_without_run(row, job):
+        return "failed"
     return str(row["status"])
+
+
+def _queued_without_run(row: RowMapping, job: RowMapping | None) -> bool:
+    """`queued`, and no job that is still to run it (none, or one that succeeded: the
+    previous run, when an earlier version's resume committed the state but not the job)."""
+    return row["status"] == "queued" and (job is None or job["status"] == "succeeded")
 
 
 def _rate(row: RowMapping) -> tuple[float | None, float | None]:
@@ -158,7 +170,11 @@ def summary(session: Session, name: str) -> dict[str, Any]:
     rate, eta = _rate(row)
     total = row["rows_total"]
     last_error = row["last_error"]
-    if status == "failed" and row["status"] != "failed" and job is not None:
+    if _queued_without_run(row, job):
+        last_error = ("queued, but no job is to run it (" + (
+            f"job {job['id']} {job['status']}" if job is not None else "no job")
+            + "); retry starts a run at the checkpoint")
+    elif status == "failed" and row["status"] != "failed" and job is not None:
         last_error = f"job {job['status']}: {job['error_code']}: {job['error_message']}"
     open_pause = session.execute(
         text("SELECT kind, reason, actor, started_at FROM data_migration_pauses "
@@ -282,22 +298,48 @@ def pause(session: Session, name: str, *, actor: str, reason: str) -> dict[str, 
     return summary(session, name)
 
 
-def resume(session: Session, name: str, *, actor: str,
-           reason: str = "resumed by an operator") -> dict[str, Any]:
-    """Mark a paused migration queued; the caller enqueues migration.run after commit."""
+@dataclass(frozen=True)
+class Resumed:
+    """A resumed migration: its summary (job_id: the run queued with it) and the publish to
+    call once the caller's transaction committed (else the relay sends the run)."""
+
+    summary: dict[str, Any]
+    job_id: str
+    publish: Callable[[], object]
+
+
+def resume_run(session: Session, name: str, *, actor: str,
+               reason: str = "resumed by an operator", source: str = "api",
+               params: dict[str, Any] | None = None) -> Resumed:
+    """Mark a paused migration queued AND queue the run that goes on from its checkpoint,
+    in the caller's transaction: both commit or neither does (review N6: committed apart, a
+    failed submit left it queued with no job, refused by resume and retry alike)."""
     oplog.record(session, actor=actor, action="migration.resume", target=name, reason=reason)
     row = state(session, name, lock=True)
     if row["status"] != "paused":
         raise MigrationConflict(f"{name} is {row['status']}; only a paused migration can "
                                 "be resumed")
     paused = _close_open_pauses(session, name, "operator")
+    from workers import enqueue
+
+    prepared = enqueue.submit_in(session, "migration.run", {**(params or {}), "name": name},
+                                 source=source)
+    job_id = str(prepared.row_params["id"])
     session.execute(
-        text("UPDATE data_migrations SET status = 'queued', changed_at = now(), "
+        text("UPDATE data_migrations SET status = 'queued', job_id = :j, changed_at = now(), "
              "updated_at = now(), seconds_paused = seconds_paused + :p WHERE name = :n"),
-        {"n": name, "p": paused},
+        {"n": name, "p": paused, "j": _uuid(job_id)},
     )
-    log.info("migration.resumed", migration=name, actor=actor, paused_seconds=paused)
-    return summary(session, name)
+    log.info("migration.resumed", migration=name, actor=actor, paused_seconds=paused,
+             job=job_id)
+    return Resumed(summary(session, name), job_id,
+                   lambda: enqueue.publish_prepared(prepared))
+
+
+def resume(session: Session, name: str, *, actor: str,
+           reason: str = "resumed by an operator") -> dict[str, Any]:
+    """resume_run, for a caller that leaves the publish to the relay."""
+    return resume_run(session, name, actor=actor, reason=reason).summary
 
 
 def cancel(session: Session, name: str, *, actor: str, reason: str) -> dict[str, Any]:
@@ -332,10 +374,14 @@ class RetryPlan:
 
 def _retry_key(row: RowMapping) -> str:
     """One key per failure: the pass (its number and start) and the attempt that failed, so
-    a repeated sweep or a double click retries once, and a later failure gets a new key."""
+    a repeated sweep or a double click retries once, and a later failure gets a new key. A
+    `queued` migration with no run is no attempt's failure: its key names the moment it was
+    queued (that attempt's retry key may be spent already)."""
     started = row["started_at"].timestamp() if row["started_at"] is not None else 0
+    queued = (f":q{row['changed_at'].timestamp():.3f}"
+              if row["status"] == "queued" and row["changed_at"] is not None else "")
     return (f"migration.retry:{row['name']}:r{row['run_no']}@{started:.0f}"
-            f":a{row['attempts']}")[:200]
+            f":a{row['attempts']}{queued}")[:200]
 
 
 def _run_params(session: Session, name: str, job_id: Any) -> dict[str, Any]:

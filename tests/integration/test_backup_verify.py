@@ -156,7 +156,7 @@ def test_a_leftover_scratch_database_of_a_killed_verification_is_dropped(
     made = service.create_backup()
     leftover = f"{service.scratch_prefix(backup_env.dbname)}{made['backup_id']}_dead0000"
     with __import__("psycopg").connect(backup_env.admin_url(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{leftover}"')
+        service.create_scratch(conn, leftover, backup_env.dbname)  # as verification does
     # when the next verification runs
     assert service.verify_backup(made["backup_id"])["verdict"] == "passed"
     # then it is gone
