@@ -6,15 +6,18 @@ difference before the ledger existed: it gets one `adjust` row for it. A charact
 already has an opening entry and still differs is not papered over: verify counts it,
 so the migration does not succeed until the audit has explained it.
 
-Why two statements: the batch's characters are locked FOR SHARE (ascending id, like every
-XP flow) in one, and their xp and ledger sums are read in the next. The XP flows lock a
-character FOR NO KEY UPDATE to change its xp and write its ledger row, which conflicts with
-SHARE, so once the locks are held no flow can change either. Under READ COMMITTED a lock that
-had to wait for a flow returns the row's new version, but the rest of that same statement
+Why two statements: the batch's characters are locked FOR NO KEY UPDATE (ascending id, like
+every XP flow) in one, and their xp and ledger sums are read in the next. The XP flows lock a
+character FOR NO KEY UPDATE to change its xp and write its ledger row, so once the locks are
+held no flow can change either, and a second batch over the same characters (a run taken
+over while the old one's batch was still open) waits too: FOR SHARE would let both read
+"no opening entry" and each write one (found by the XP property test). Under READ COMMITTED
+a lock that had to wait returns the row's new version, but the rest of that same statement
 reads its snapshot from before the wait: in one statement, xp would include the flow's
 change and the ledger sum would not, and the opening entry would count it twice (review N2;
 the migration could then never pass its verify). The second statement's snapshot starts
-after the locks are held, so it sees the flow's xp and its ledger row together.
+after the locks are held, so it sees the flow's xp and its ledger row, or the other batch's
+opening entry, together.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ OPENING = "x.kind = 'adjust' AND x.reason LIKE 'opening balance%'"
 
 LOCK = text("""
     SELECT c.id FROM characters c WHERE c.id > :lower AND c.id <= :upper
-    ORDER BY c.id FOR SHARE
+    ORDER BY c.id FOR NO KEY UPDATE
 """)
 
 TRANSFORM = text(f"""

@@ -8,6 +8,7 @@ ledger row already accounts for the flow's change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -120,5 +121,45 @@ def test_a_batch_racing_an_xp_flow_writes_the_balance_held_before_the_ledger(
     assert sorted(ledger) == sorted([("adjust", 10),
                                      ("award" if change > 0 else "spend", change)])
     # and the migration's verify counts nobody: it can succeed
+    with session_scope() as s:
+        assert ob.verify(s) == 0
+
+
+def test_two_batches_over_the_same_characters_write_one_opening_entry(
+        odb: psycopg.Connection) -> None:
+    # given a character that held 10 XP before the ledger, and a batch of the migration over
+    # it still open (a run taken over while its batch had not committed)
+    cid = _pre_ledger_character(odb, 10)
+    session = get_sessionmaker()()
+    try:
+        ob.transform(session, Context(ob.NAME, 1, None), Batch(cid - 1, cid, 1))
+        # when a second batch over the same character runs meanwhile (it waits) ...
+        errors: list[BaseException] = []
+
+        def batch() -> None:
+            try:
+                with session_scope() as s:
+                    ob.transform(s, Context(ob.NAME, 2, None), Batch(cid - 1, cid, 1))
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        second = threading.Thread(target=batch)
+        second.start()
+        # (it waits for the first's locks; before the fix it did not, and wrote at once)
+        deadline = time.monotonic() + 30
+        while second.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(AssertionError):
+                _waiting_for_a_lock(odb, timeout=0.2)
+                break
+        # ... and the first commits
+        session.commit()
+    finally:
+        session.close()
+    second.join(30)
+    assert not second.is_alive() and not errors, errors
+    # then the character has one opening entry of 10 (before the fix: two, 20 in all)
+    ledger = odb.execute("SELECT kind, delta FROM xp_ledger WHERE character_id = %s",
+                         (cid,)).fetchall()
+    assert ledger == [("adjust", 10)]
     with session_scope() as s:
         assert ob.verify(s) == 0
