@@ -49,6 +49,7 @@ def test_soak_every_job_once_under_random_faults(services: Services, tmp_path: P
         try:
             with psycopg.connect(iso.database_url, autocommit=True) as db:
                 inserted = 0
+                planned = ["kill", "pause", "terminate"] * 2
                 deadline = time.monotonic() + 600
                 # when jobs arrive in waves (each left to the relays to publish) while, at
                 # random moments, a pool process is SIGKILLed, the platform's Postgres
@@ -61,7 +62,10 @@ def test_soak_every_job_once_under_random_faults(services: Services, tmp_path: P
                             "jsonb_build_object('seconds', round((random() * 0.05)::numeric, 3)), "
                             "20 FROM generate_series(1, %s)", (min(WAVE, total - inserted),))
                         inserted += min(WAVE, total - inserted)
-                    fault = rng.choice(["kill", "kill", "terminate", "pause", "none"])
+                    # each kind of fault twice first (while the first waves run: a quick
+                    # machine may drain the soak in a dozen rounds), then at random
+                    fault = (planned.pop(0) if planned else
+                             rng.choice(["kill", "kill", "terminate", "pause", "none"]))
                     if fault == "kill":
                         children = [c for w in workers for c in _pool_children(w)]
                         if children:
