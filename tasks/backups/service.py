@@ -286,8 +286,11 @@ def _files_of(path: Path | str, partial: Path | str) -> tuple[Path, ...]:
 
 
 def _tool_error(tool: str, stderr: str, code: int) -> Exception:
+    """What a failed pg_dump/pg_restore means. Killed by a signal (a negative code: the OOM
+    killer, an operator's kill, our own orphan sweep) says nothing about the backup: it is
+    transient, like the server's connection errors; so is the server running out of memory."""
     message = f"{tool} exited {code}: {stderr[-1500:] or '(no output)'}"
-    if _TRANSIENT_TOOL_ERRORS.search(stderr):
+    if code < 0 or _TRANSIENT_TOOL_ERRORS.search(stderr) or "out of memory" in stderr:
         return TransientError(message)
     return DumpFailed(message) if tool == "pg_dump" else RuntimeError(message)
 
@@ -483,6 +486,9 @@ def _dump(target: Target, tools: PgTools, planned: _Planned, version_num: int, v
         code, stderr, _ = run_tool(argv, target, check_owned=check_owned, on_start=started)
         snap.rollback()
     if code != 0:
+        # A dump whose lock went away (and that the lock's next holder killed as an orphan)
+        # failed because of that: LockLost says so, and is retried (review of issue 14).
+        lock_held()
         raise _tool_error("pg_dump", stderr, code)
     check_owned()
     lock_held()
@@ -714,6 +720,8 @@ def _verify_steps(row: dict[str, Any], target: Target, tools: PgTools,
     # 2. pg_restore can read its table of contents, which lists every counted table
     code, listing, stderr = _list(tools, path, target)
     if code != 0:
+        if isinstance(err := _tool_error("pg_restore --list", stderr, code), TransientError):
+            raise err
         report.fail("toc", f"pg_restore --list exited {code}: {stderr[-500:]}")
         return
     listed = table_data_entries(listing)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -119,3 +120,38 @@ def test_the_sweep_drops_only_scratch_databases_this_database_marked_as_its_own(
         with psycopg.connect(backup_env.admin_url(), autocommit=True) as conn:
             for name in (own, others, target):
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_restore_killed_by_a_signal_stores_no_verdict(
+        backup_env: BackupEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tasks.backups import pgtools, retention, service
+    from workers.db import session_scope
+    from workers.errors import TransientError
+    from workers.settings import get_settings
+
+    # given a good backup, and a pg_restore that the OOM killer ends mid-restore (SIGKILL, no
+    # output; its --list still works)
+    seed_small(40)
+    made = service.create_backup()
+    real = pgtools.find_tools(int(backup_env.sql("SHOW server_version_num")[0][0]) // 10000)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for binary in real.bin_dir.iterdir():
+        (tools / binary.name).symlink_to(binary)
+    (tools / "pg_restore").unlink()
+    (tools / "pg_restore").write_text(
+        "#!/bin/bash\nfor a in \"$@\"; do case \"$a\" in --list|-l|--version|-V) "
+        f"exec {real.path('pg_restore')} \"$@\";; esac; done\nkill -9 $$\n")
+    (tools / "pg_restore").chmod(0o755)
+    monkeypatch.setenv("WARDEN_PG_BIN_DIR", str(tools))
+    get_settings.cache_clear()
+    # when it is verified, then the error is transient (the job retries), not a verdict
+    with pytest.raises(TransientError, match="exited -9"):
+        service.verify_backup(made["backup_id"])
+    assert backup_env.sql("SELECT verdict, verify_error FROM backups") == [(None, None)]
+    # and a prune keeping one daily backup keeps it
+    with session_scope() as s:
+        kept = service.prune_backups(s, retention.Policy(daily=1, weekly=0, monthly=0))
+    assert kept["deleted"] == []
+    monkeypatch.delenv("WARDEN_PG_BIN_DIR")
+    get_settings.cache_clear()
