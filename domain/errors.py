@@ -79,7 +79,8 @@ class CharacterRuleViolation(DomainError):
         return cls(
             f"{who} breaks rule {key}{what}, so PostgreSQL refuses to change the row. "
             "It is legacy data, not this job's fault: run `warden audit --fix --reason ...` "
-            "(it fixes the row, recorded and undoable), then retry this job",
+            "(it fixes the row, recorded and undoable), then retry this job (a fix retries a "
+            "failed scene award itself)",
             character_id=int(found.group(1)) if found else None, rule=key,
             constraint=constraint)
 

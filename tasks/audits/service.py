@@ -27,7 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from domain import checks, rules
-from workers import oplog
+from workers import jobstore, oplog
 from workers.enqueue import Prepared, submit_in
 from workers.errors import JobError
 
@@ -400,11 +400,17 @@ def award_key(run_id: int, scene_id: int) -> str:
 
 def _submit_awards(session: Session, run_id: int) -> list[Prepared]:
     """Queue the missing award of each finished scene awaiting XP (check 8's report), in
-    this transaction; a scene whose award job is already queued or running gets none
-    (it is on its way). Each scene's outcome goes to the temp table audit_scene_awards."""
-    pending = {str(v) for v in session.execute(text(
-        "SELECT DISTINCT params ->> 'scene_id' FROM job_runs WHERE type = :type "
-        "AND status IN ('queued', 'retrying', 'running')"), {"type": AWARD_TYPE}).scalars()}
+    this transaction. A scene whose award job is queued or running gets none (it is on its
+    way: award_pending). A scene whose storyteller's award failed or died (a participant
+    broke a rule, since fixed) gets that job retried with its own awards: the storyteller
+    chose who earned XP, and the fix must not widen it. Only a scene no award was ever
+    submitted for gets one naming every participant. Each scene's outcome goes to the temp
+    table audit_scene_awards."""
+    latest = {str(scene): (str(job), status) for scene, job, status in session.execute(text(
+        "SELECT DISTINCT ON (params ->> 'scene_id') params ->> 'scene_id', id, status "
+        "FROM job_runs WHERE type = :type "
+        "ORDER BY params ->> 'scene_id', (status IN ('queued', 'retrying', 'running')) DESC, "
+        "created_at DESC"), {"type": AWARD_TYPE}).all()}
     with _from_violation_index(session, "scenes"):
         rows = session.execute(text(
             "SELECT s.id, ARRAY(SELECT p.character_id FROM scene_participants p "
@@ -414,8 +420,15 @@ def _submit_awards(session: Session, run_id: int) -> list[Prepared]:
     queued: list[Prepared] = []
     outcomes: list[dict[str, Any]] = []
     for r in rows:
-        if str(r.id) in pending:
-            outcomes.append({"s": int(r.id), "j": None, "o": "award_pending"})
+        job, status = latest.get(str(r.id), (None, None))
+        if status in ("queued", "retrying", "running"):
+            outcomes.append({"s": int(r.id), "j": job, "o": "award_pending"})
+            continue
+        if status in ("failed", "dead") and session.execute(text(
+                f"UPDATE job_runs SET {jobstore.RETRY_SET} WHERE id = CAST(:id AS uuid) "
+                "AND status IN ('failed', 'dead') RETURNING 1"), {"id": job}).first():
+            # the relay sends it (published_at is reset): sent after this commits
+            outcomes.append({"s": int(r.id), "j": job, "o": "award_submitted"})
             continue
         prepared = submit_in(session, AWARD_TYPE,
                              {"scene_id": int(r.id),

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy.exc
+from psycopg.types.json import Jsonb
 from sqlalchemy import text
 
 from domain import checks
@@ -547,3 +548,29 @@ def test_the_scene_xp_fix_queues_each_missing_award_once(
                         ).fetchone() == (2,)
     assert {f["entity_id"]: f["outcome"] for f in _findings(again["id"])} == {
         waiting: "award_pending", empty: "award_pending"}
+
+
+def test_the_scene_xp_fix_retries_the_storyteller_s_own_award_not_a_wider_one(
+        conn: psycopg.Connection[Any]) -> None:
+    # given a scene whose storyteller awarded A and C but not B, and whose award job failed
+    # (C broke a rule, since fixed)
+    a, b, c = add_character(conn), add_character(conn), add_character(conn)
+    scene = add_scene(conn, finished=True, xp_given=False)
+    for cid in (a, b, c):
+        conn.execute("INSERT INTO scene_participants (scene_id, character_id) VALUES (%s, %s)",
+                     (scene, cid))
+    chosen = {"scene_id": scene, "awards": {str(a): True, str(b): False, str(c): True}}
+    row = conn.execute(
+        "INSERT INTO job_runs (id, type, params, status, attempts, error_code, finished_at) "
+        "VALUES (gen_random_uuid(), 'xp.award_scene', %s, 'failed', 1, "
+        "'character_rule_violation', now()) "
+        "RETURNING id", (Jsonb(chosen),)).fetchone()
+    assert row is not None
+    # when the audit fixes
+    run = _audit(fix=True)
+    # then the storyteller's job runs again, with its own awards, and no other award is queued
+    jobs = conn.execute("SELECT id, params, status FROM job_runs "
+                        "WHERE type = 'xp.award_scene'").fetchall()
+    assert jobs == [(row[0], chosen, "queued")], jobs
+    found = {f["entity_id"]: f["outcome"] for f in _findings(run["id"])}
+    assert found[scene] == "award_submitted"
