@@ -196,7 +196,7 @@ def create_app(*, run_relay: bool = True) -> FastAPI:
             return _unprocessable([{**e, "loc": ["body", "params", *e["loc"]]} for e in wrong])
         try:
             prepared = prepare(body.type, params, idempotency_key=key,
-                               countdown=body.countdown)
+                               countdown=body.countdown, client_key=True)
             _authorize(who, body.type, prepared.clean)
             async with db_pool.connection() as conn:
                 sub = await submit_async(prepared, conn)

@@ -223,7 +223,8 @@ def enqueue(job_type: str, params: tuple[str, ...], key: str | None, countdown: 
     values = scopes.on_behalf_of(job_type, dict(parse_param(p) for p in params),
                                  operator_name())
     try:
-        sub = submit(job_type, values, idempotency_key=key, countdown=countdown, source="cli")
+        sub = submit(job_type, values, idempotency_key=key, countdown=countdown, source="cli",
+                     client_key=True)
     except UnknownJobType as exc:
         fail(str(exc), 2)
     except ValidationError as exc:

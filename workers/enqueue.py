@@ -64,6 +64,11 @@ class ReservedKey(IdempotencyConflict):
 
 # A fan-out child's idempotency key: its parent's id and its position.
 CHILD_KEY = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}:\d+$")
+# The keys Warden's own producers make (a backup's verify, an audit fix's awards, beat's
+# slots, a migration's retries, a report's alert): a client taking one first would make the
+# producer's insert a no-op, and its job never exist (adversarial review of issue 14).
+RESERVED_KEY_PREFIXES = ("backup-verify:", "audit-fix-", "beat:", "migration.retry:",
+                         "report.deliver_alert:")
 
 
 class FanOutKeyTaken(JobError):
@@ -120,12 +125,18 @@ def prepare(
     countdown: float | None = None,
     expires: float | None = None,
     source: str = "api",
+    client_key: bool = False,
 ) -> Prepared:
     """Validate params and build the row; raises UnknownJobType, ValidationError or
-    UnstorableParams (all the client's to fix)."""
+    UnstorableParams (all the client's to fix). `client_key`: the key comes from a client
+    (API, `warden enqueue --key`), which may not take a key Warden's own producers use."""
     if idempotency_key is not None and source != "fan-out" and CHILD_KEY.match(idempotency_key):
         raise ReservedKey(f"idempotency key {idempotency_key!r} has the shape <job id>:<n>, "
                           "reserved for the children of a fanned-out job")
+    if client_key and idempotency_key is not None and idempotency_key.startswith(
+            RESERVED_KEY_PREFIXES):
+        raise ReservedKey(f"idempotency key {idempotency_key!r} is reserved for Warden's own "
+                          f"jobs (keys starting with {', '.join(RESERVED_KEY_PREFIXES)})")
     if countdown is not None and not 0 <= countdown <= MAX_COUNTDOWN:
         raise InvalidCountdown(f"countdown must be between 0 and {MAX_COUNTDOWN} seconds")
     model = validate(job_type, params)
@@ -182,10 +193,11 @@ def submit(
     countdown: float | None = None,
     expires: float | None = None,
     source: str = "api",
+    client_key: bool = False,
 ) -> Submitted:
     """Validate, insert the job (or find the one with this key), commit, then publish."""
     prepared = prepare(job_type, params, idempotency_key=idempotency_key, countdown=countdown,
-                       expires=expires, source=source)
+                       expires=expires, source=source, client_key=client_key)
     # Autocommit: the INSERT commits on its own, durably, before the 202 and the publish.
     with autocommit() as conn:
         row = conn.exec_driver_sql(INSERT_JOB, prepared.row_params).mappings().first()
@@ -202,7 +214,13 @@ def submit_in(session: Any, job_type: str, params: dict[str, Any] | None = None,
     `publish_prepared`, or leave it to the relay (its row is unpublished). A key already
     used makes this a no-op (ON CONFLICT), so a repeated run does not queue it twice."""
     prepared = prepare(job_type, params, idempotency_key=idempotency_key, source=source)
-    session.connection().exec_driver_sql(INSERT_JOB, prepared.row_params)
+    conn = session.connection()
+    if conn.exec_driver_sql(INSERT_JOB, prepared.row_params).first() is None:
+        # The key is taken: by this same job (a repeated run: fine, nothing to do), or by
+        # another one, which would leave the caller recording a job that does not exist.
+        found = conn.exec_driver_sql(SELECT_BY_KEY, {"k": idempotency_key}).mappings().one()
+        existing_job(prepared, found)  # raises IdempotencyConflict if it is another job
+        prepared.row_params["id"] = found["id"]
     return prepared
 
 
