@@ -6,8 +6,10 @@ Create Date: 2026-12-07 23:20:00
 
 A fix run queues the missing award of each finished scene awaiting XP (review 2026-12-07,
 drill D4); the scene's finding records that, or that an award job was already on its way.
-The constraint is added NOT VALID and validated after: the validation takes only a SHARE
-UPDATE EXCLUSIVE lock, so storing findings is not blocked while it reads the table.
+The constraint is dropped, added NOT VALID and validated in the upgrade's one transaction
+(env.py runs all of an upgrade in one): the DROP's ACCESS EXCLUSIVE lock on audit_findings
+is held through the validating scan, so readers of /ui/audits wait for it (a short scan:
+findings are a few rows per run).
 """
 from alembic import op
 
