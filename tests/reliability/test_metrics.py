@@ -96,11 +96,14 @@ def test_metrics_from_first_scrape_exact_counts_across_replicas(
             time.sleep(0.2)
 
         # then the counts are exact, and the same on a second API replica
+        # (the broker's figures are cached apart from the jobs', for up to
+        # WARDEN_METRICS_CACHE_SECONDS: the consumer count may lag the outcomes that long)
         def done(s: Samples) -> bool:
             return value(s, "warden_job_outcomes_total", type="platform.ping",
                          status="succeeded", error_code="") == 5 and value(
                 s, "warden_job_outcomes_total", type="testing.flaky", status="dead",
-                error_code="transient:TransientError") == 1
+                error_code="transient:TransientError") == 1 and value(
+                s, "warden_queue_consumers", queue="warden") == 1
 
         samples = _wait_scrape(url, done)
         assert done(samples), {k: v for k, v in samples.items() if "outcomes" in k[0]}
