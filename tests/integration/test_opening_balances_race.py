@@ -9,10 +9,9 @@ ledger row already accounts for the flow's change.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -23,28 +22,32 @@ from domain import rules
 from tasks.data_migrations import opening_balances as ob
 from tasks.data_migrations.registry import Batch, Context
 from tasks.xp import service as xp
-from tests.conftest import Services, fresh_database
-from workers.db import get_sessionmaker, reset_engine, session_scope
-from workers.settings import get_settings
+from tests.integration.test_data_migration_service import isolated
+from workers.db import get_sessionmaker, session_scope
 
-
-def _point(url: str) -> None:
-    os.environ["WARDEN_DATABASE_URL"] = url
-    get_settings.cache_clear()
-    reset_engine()
+__all__ = ["isolated"]
 
 
 @pytest.fixture(scope="module")
-def odb(services: Services) -> Iterator[psycopg.Connection]:
+def odb(isolated: psycopg.Connection) -> psycopg.Connection:
     """A database of this module's own (verify counts every character of the database)."""
-    with fresh_database(services) as url:
-        saved = os.environ["WARDEN_DATABASE_URL"]
-        _point(url)
+    return isolated
+
+
+def _batch_in_thread(run_no: int, cid: int) -> tuple[threading.Thread, list[BaseException]]:
+    """The migration's batch over character `cid`, started in a thread; its errors."""
+    errors: list[BaseException] = []
+
+    def batch() -> None:
         try:
-            with psycopg.connect(url, autocommit=True) as conn:
-                yield conn
-        finally:
-            _point(saved)
+            with session_scope() as s:
+                ob.transform(s, Context(ob.NAME, run_no, None), Batch(cid - 1, cid, 1))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=batch)
+    thread.start()
+    return thread, errors
 
 
 def _pre_ledger_character(db: psycopg.Connection, xp_held: int) -> int:
@@ -94,17 +97,7 @@ def test_a_batch_racing_an_xp_flow_writes_the_balance_held_before_the_ledger(
     try:
         run(session)
         # when the migration's batch over that character runs meanwhile (it waits) ...
-        errors: list[BaseException] = []
-
-        def batch() -> None:
-            try:
-                with session_scope() as s:
-                    ob.transform(s, Context(ob.NAME, 1, None), Batch(cid - 1, cid, 1))
-            except BaseException as exc:  # reported by the main thread
-                errors.append(exc)
-
-        migration = threading.Thread(target=batch)
-        migration.start()
+        migration, errors = _batch_in_thread(1, cid)
         _waiting_for_a_lock(odb)
         # ... and the flow commits
         session.commit()
@@ -134,17 +127,7 @@ def test_two_batches_over_the_same_characters_write_one_opening_entry(
     try:
         ob.transform(session, Context(ob.NAME, 1, None), Batch(cid - 1, cid, 1))
         # when a second batch over the same character runs meanwhile (it waits) ...
-        errors: list[BaseException] = []
-
-        def batch() -> None:
-            try:
-                with session_scope() as s:
-                    ob.transform(s, Context(ob.NAME, 2, None), Batch(cid - 1, cid, 1))
-            except BaseException as exc:  # reported by the main thread
-                errors.append(exc)
-
-        second = threading.Thread(target=batch)
-        second.start()
+        second, errors = _batch_in_thread(2, cid)
         # (it waits for the first's locks; before the fix it did not, and wrote at once)
         deadline = time.monotonic() + 30
         while second.is_alive() and time.monotonic() < deadline:
