@@ -38,10 +38,10 @@ test: bytecode lint typecheck
 # The same suite on the machine's PostgreSQL and Redis (CI: PostgreSQL 15, Redis 7): every
 # promise is tested on the oldest and the newest supported server. A fresh database is
 # created on that server (and dropped); the Redis DB is flushed.
-TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
-TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+WARDEN_TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+WARDEN_TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 test-external: bytecode
-	WARDEN_TEST_DATABASE_URL=$(TEST_DATABASE_URL) WARDEN_TEST_REDIS_URL=$(TEST_REDIS_URL) \
+	WARDEN_TEST_DATABASE_URL=$(WARDEN_TEST_DATABASE_URL) WARDEN_TEST_REDIS_URL=$(WARDEN_TEST_REDIS_URL) \
 		$(UV) run --frozen pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The fault tests alone (real processes killed, paused, cut off) with a bigger soak.
