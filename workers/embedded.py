@@ -129,7 +129,10 @@ class EmbeddedPostgres:
     def _initdb(self) -> None:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         if self._run_as is not None:
+            # the data dir, and the binaries the wheel installed (a checkout in a 0700 dir,
+            # as `mktemp -d` makes, hid initdb from the unprivileged user)
             _make_traversable(self.root)
+            _make_traversable(pg_bin_dir())
             for p in (self.pgdata,):
                 os.chown(p, self._run_as.pw_uid, self._run_as.pw_gid)
             self.pgdata.chmod(0o700)
