@@ -228,6 +228,7 @@ def _wait_text(driver: Any, needle: str, timeout: float = 10) -> str:
     from selenium.common.exceptions import (
         NoSuchElementException,
         StaleElementReferenceException,
+        WebDriverException,
     )
 
     deadline = time.monotonic() + timeout
@@ -236,6 +237,13 @@ def _wait_text(driver: Any, needle: str, timeout: float = 10) -> str:
             body = _text(driver)
         except (StaleElementReferenceException, NoSuchElementException):
             # between two documents there may be no <body> yet
+            time.sleep(0.05)
+            continue
+        except WebDriverException as exc:
+            # the same race as chromium words it at times: "Node with given id does not
+            # belong to the document" (the old page's body, read as the new one replaced it)
+            if "does not belong to the document" not in str(exc):
+                raise
             time.sleep(0.05)
             continue
         if needle in body:
